@@ -36,10 +36,16 @@ impl DmaBuf {
     /// A zeroed buffer of `len` bytes aligned to `align` (a power of two of at least 512);
     /// `len` must be a non-zero multiple of `align`.
     pub fn with_alignment(len: usize, align: usize) -> Self {
-        assert!(align.is_power_of_two(), "DMA alignment {align} is not a power of two");
+        assert!(
+            align.is_power_of_two(),
+            "DMA alignment {align} is not a power of two"
+        );
         assert!(align >= 512, "DMA alignment {align} is below 512");
         assert!(len > 0, "DMA buffer of zero bytes");
-        assert!(len % align == 0, "DMA buffer length {len} is not a multiple of {align}");
+        assert!(
+            len.is_multiple_of(align),
+            "DMA buffer length {len} is not a multiple of {align}"
+        );
         let layout = Layout::from_size_align(len, align).expect("DMA buffer layout");
         // SAFETY: the layout has a non-zero size.
         let raw = unsafe { alloc_zeroed(layout) };
@@ -79,12 +85,12 @@ impl DmaBuf {
     /// Backends call this before every I/O (a pair assertion with the one in the constructor).
     pub fn assert_aligned(&self, block_size: usize) {
         assert!(
-            (self.ptr.as_ptr() as usize) % block_size == 0,
+            (self.ptr.as_ptr() as usize).is_multiple_of(block_size),
             "DMA buffer at {:p} is not aligned to {block_size}",
             self.ptr
         );
         assert!(
-            self.len % block_size == 0,
+            self.len.is_multiple_of(block_size),
             "DMA buffer length {} is not a multiple of {block_size}",
             self.len
         );

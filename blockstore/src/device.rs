@@ -154,7 +154,9 @@ pub enum DeviceError {
         source: std::io::Error,
     },
     /// The range ends past the end of the device.
-    #[error("{device}: {op} of {len} bytes at offset {offset} ends past the device end ({size} bytes)")]
+    #[error(
+        "{device}: {op} of {len} bytes at offset {offset} ends past the device end ({size} bytes)"
+    )]
     OutOfRange {
         /// Device name.
         device: Arc<str>,
@@ -168,7 +170,9 @@ pub enum DeviceError {
         size: u64,
     },
     /// Offset or length is not a multiple of the logical block size (or zero-length).
-    #[error("{device}: {op} of {len} bytes at offset {offset} is not a whole number of {block_size}-byte blocks")]
+    #[error(
+        "{device}: {op} of {len} bytes at offset {offset} is not a whole number of {block_size}-byte blocks"
+    )]
     Misaligned {
         /// Device name.
         device: Arc<str>,
@@ -217,7 +221,7 @@ impl DeviceError {
 /// Checks that `[offset, offset + len)` is a non-empty, block-aligned range inside the device.
 pub fn check_range(info: &DeviceInfo, op: IoOp, offset: u64, len: u64) -> Result<(), DeviceError> {
     let bs = u64::from(info.block_size);
-    if len == 0 || offset % bs != 0 || len % bs != 0 {
+    if len == 0 || !offset.is_multiple_of(bs) || !len.is_multiple_of(bs) {
         return Err(DeviceError::Misaligned {
             device: info.name.clone(),
             op,
@@ -286,3 +290,32 @@ pub async fn write_zeroes_by_writes<D: BlockDevice + ?Sized>(
     }
     Ok(())
 }
+
+macro_rules! forward_device {
+    ($($ty:ty),*) => {$(
+        impl<D: BlockDevice + ?Sized> BlockDevice for $ty {
+            fn info(&self) -> &DeviceInfo {
+                (**self).info()
+            }
+            async fn read(&self, offset: u64, buf: &mut DmaBuf) -> Result<(), DeviceError> {
+                (**self).read(offset, buf).await
+            }
+            async fn write(&self, offset: u64, buf: &DmaBuf) -> Result<(), DeviceError> {
+                (**self).write(offset, buf).await
+            }
+            async fn flush(&self) -> Result<(), DeviceError> {
+                (**self).flush().await
+            }
+            async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+                (**self).write_zeroes(offset, len).await
+            }
+            async fn unmap(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+                (**self).unmap(offset, len).await
+            }
+        }
+    )*};
+}
+
+// A shared handle to a device is a device: tests keep one to inspect media after a crash, and
+// a core may hand its device to several stores' tools (fsck, bench) in turn.
+forward_device!(&D, std::rc::Rc<D>);

@@ -18,16 +18,16 @@
 
 pub mod buf;
 pub mod device;
-// pub mod faulty;
-// pub mod format;
+pub mod faulty;
+pub mod format;
 // pub mod fsck;
 pub mod mem;
-// pub mod store;
 #[cfg(feature = "spdk")]
 pub mod spdk;
+pub mod store;
 #[cfg(feature = "uring")]
 pub mod uring;
 
 pub use buf::{DMA_ALIGN, DmaBuf};
 pub use device::{BlockDevice, Capabilities, DeviceError, DeviceInfo, IoOp, Tier};
-// pub use store::{BlockStore, ExtentGroupId, FormatOptions, StoreError, StoreStats};
+pub use store::{BlockStore, ExtentGroupId, FormatOptions, StoreError, StoreStats};

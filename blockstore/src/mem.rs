@@ -87,7 +87,12 @@ impl MemDevice {
             "block size {block_size} must be a power of two from 512 to 4096"
         );
         let size_bytes = size_bytes - size_bytes % u64::from(block_size);
-        Self::from_image(name, MemImage::with_size(size_bytes), size_bytes, block_size)
+        Self::from_image(
+            name,
+            MemImage::with_size(size_bytes),
+            size_bytes,
+            block_size,
+        )
     }
 
     /// A device over an existing image (for instance the media left by a simulated power cut).
