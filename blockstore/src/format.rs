@@ -101,6 +101,17 @@ pub enum FormatError {
         /// UUID expected.
         expected: u128,
     },
+    /// A journal block newer than the checkpoint in use expects (that checkpoint is not the
+    /// newest one written: the newest was lost, and journal it relied on was overwritten).
+    #[error(
+        "journal block seq {seq} of epoch {epoch} is newer than the checkpoint in use expects: a newer checkpoint was lost"
+    )]
+    NewerThanCheckpoint {
+        /// Sequence number found.
+        seq: u64,
+        /// Epoch found.
+        epoch: u64,
+    },
     /// A field has an impossible value.
     #[error("{what}: field {field} has an invalid value {value}")]
     BadField {

@@ -20,7 +20,7 @@ pub mod buf;
 pub mod device;
 pub mod faulty;
 pub mod format;
-// pub mod fsck;
+pub mod fsck;
 pub mod mem;
 #[cfg(feature = "spdk")]
 pub mod spdk;

@@ -567,19 +567,25 @@ pub(crate) async fn recover<D: BlockDevice>(
     let mut replayed_blocks = 0;
     let mut replayed_records = 0;
     let journal_end;
-    let valid_block =
-        |buf: &[u8], seq: u64| -> Result<Option<(JournalHeader, Vec<Record>)>, FormatError> {
-            match format::decode_journal_header(buf, sb.uuid) {
-                Ok(h) if h.epoch == ckpt.epoch && h.seq == seq => {
-                    format::decode_journal_records(buf, &h, &layout).map(|r| Some((h, r)))
-                }
-                // A block of another epoch, lap or format: not part of this journal.
-                Ok(_)
-                | Err(FormatError::BadMagic { .. })
-                | Err(FormatError::ForeignUuid { .. }) => Ok(None),
-                Err(e) => Err(e),
+    let valid_block = |buf: &[u8],
+                       seq: u64|
+     -> Result<Option<(JournalHeader, Vec<Record>)>, FormatError> {
+        match format::decode_journal_header(buf, sb.uuid) {
+            Ok(h) if h.epoch == ckpt.epoch && h.seq == seq => {
+                format::decode_journal_records(buf, &h, &layout).map(|r| Some((h, r)))
             }
-        };
+            // A block of an earlier epoch or lap, or of another format: not this journal.
+            Ok(h) if h.epoch < ckpt.epoch || (h.epoch == ckpt.epoch && h.seq < seq) => Ok(None),
+            Err(FormatError::BadMagic { .. }) | Err(FormatError::ForeignUuid { .. }) => Ok(None),
+            // Newer than this checkpoint expects: the newest checkpoint was lost and the
+            // journal after this older one was overwritten since.
+            Ok(h) => Err(FormatError::NewerThanCheckpoint {
+                seq: h.seq,
+                epoch: h.epoch,
+            }),
+            Err(e) => Err(e),
+        }
+    };
     loop {
         if seq - ckpt.journal_start_seq >= ring {
             journal_end = JournalEnd::RingFull;
@@ -613,6 +619,9 @@ pub(crate) async fn recover<D: BlockDevice>(
                         later_blocks += 1;
                     }
                     probe += 1;
+                }
+                if matches!(error, FormatError::NewerThanCheckpoint { .. }) {
+                    later_blocks = later_blocks.max(1);
                 }
                 if later_blocks == 0 {
                     journal_end = JournalEnd::TornTail { seq, offset, error };
