@@ -313,7 +313,7 @@ pub async fn check<D: BlockDevice>(dev: &D, verify_slices: bool) -> Report {
             }
         }
     }
-    report.findings.sort_by(|a, b| b.severity.cmp(&a.severity));
+    report.findings.sort_by_key(|f| std::cmp::Reverse(f.severity));
     report
 }
 
