@@ -1,1 +1,63 @@
-fn main() {}
+//! `cairn`: the one binary of the Cairn block-storage fabric.
+//!
+//! Today it formats, inspects and checks devices and benchmarks the block store; the node
+//! (`cairn node run`) and the cluster commands arrive with the data and control planes.
+
+mod bench;
+mod device_cmd;
+mod size;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Cairn: a distributed block-storage fabric.
+#[derive(Debug, Parser)]
+#[command(name = "cairn", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Manage a raw device or file used by Cairn.
+    #[command(subcommand)]
+    Device(DeviceCommand),
+    /// Check a formatted device: exit 0 clean, 1 repairable, 2 data lost, 8 cannot be opened.
+    Fsck(device_cmd::FsckArgs),
+    /// Benchmarks (see perf/).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum DeviceCommand {
+    /// Format a device or file (destroys its contents).
+    Format(device_cmd::FormatArgs),
+    /// Show capacity and usage of a formatted device.
+    Info(device_cmd::InfoArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // fsck follows e2fsck: 8 is an operational error (cannot check); other commands exit 1.
+    let error_code = if matches!(cli.command, Command::Fsck(_)) {
+        8
+    } else {
+        1
+    };
+    let result = match cli.command {
+        Command::Device(DeviceCommand::Format(a)) => device_cmd::format(a).map(|()| 0),
+        Command::Device(DeviceCommand::Info(a)) => device_cmd::info(a).map(|()| 0),
+        Command::Fsck(a) => device_cmd::fsck(a),
+        Command::Bench(b) => bench::run(b).map(|()| 0),
+    };
+    match result {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(e) => {
+            eprintln!("cairn: error: {e:#}");
+            ExitCode::from(error_code)
+        }
+    }
+}
