@@ -313,7 +313,9 @@ pub async fn check<D: BlockDevice>(dev: &D, verify_slices: bool) -> Report {
             }
         }
     }
-    report.findings.sort_by_key(|f| std::cmp::Reverse(f.severity));
+    report
+        .findings
+        .sort_by_key(|f| std::cmp::Reverse(f.severity));
     report
 }
 
