@@ -203,6 +203,8 @@ impl Layout {
         let device_bytes = device_bytes - device_bytes % META_BLOCK_BYTES;
         let journal_bytes = if journal_bytes == 0 {
             (device_bytes / 256).clamp(MIN_JOURNAL_BYTES, MAX_DEFAULT_JOURNAL_BYTES)
+                / META_BLOCK_BYTES
+                * META_BLOCK_BYTES
         } else {
             journal_bytes
         };
@@ -977,6 +979,14 @@ mod tests {
         assert_eq!(decode_journal_records(&b, &h2, &l).unwrap(), recs);
         b[4000] = 1;
         assert!(decode_journal_header(&b, 1).is_err());
+    }
+
+    #[test]
+    fn default_journal_is_block_aligned_for_any_size() {
+        for size in [10_000_000_000u64, (300 << 20) + 4096, (8 << 30) - 4096] {
+            let l = Layout::compute(size, 4096, DEFAULT_EGROUP_BYTES, DEFAULT_SLICE_BYTES, 0).unwrap();
+            assert_eq!(l.journal_bytes % META_BLOCK_BYTES, 0, "{size}");
+        }
     }
 
     #[test]

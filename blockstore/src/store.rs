@@ -708,7 +708,10 @@ impl<D: BlockDevice> BlockStore<D> {
         dev.write(0, &zero).await?;
         dev.write(layout.superblock_offset(1), &zero).await?;
         dev.flush().await?;
-        // 2. Two empty checkpoints (journal blocks of older formats carry another UUID).
+        // 2. Zero the reserved gap after superblock A (room for future structures).
+        let gap = DmaBuf::new((format::JOURNAL_OFFSET - SUPERBLOCK_BYTES) as usize);
+        dev.write(SUPERBLOCK_BYTES, &gap).await?;
+        // 3. Two empty checkpoints (journal blocks of older formats carry another UUID).
         let mut buf = DmaBuf::new(META_BLOCK_BYTES as usize);
         for (slot, seq) in [(0usize, 1u64), (1, 0)] {
             let h = CheckpointHeader {
@@ -727,7 +730,7 @@ impl<D: BlockDevice> BlockStore<D> {
             dev.write(layout.checkpoint_offset[slot], &buf).await?;
         }
         dev.flush().await?;
-        // 3. The superblocks, A then B.
+        // 4. The superblocks, A then B.
         let mut sbuf = DmaBuf::new(SUPERBLOCK_BYTES as usize);
         for copy in 0..2u32 {
             sb.encode(copy, &mut sbuf);
