@@ -1,10 +1,12 @@
 //! `cairn`: the one binary of the Cairn block-storage fabric.
 //!
-//! Today it formats, inspects and checks devices and benchmarks the block store; the node
-//! (`cairn node run`) and the cluster commands arrive with the data and control planes.
+//! `cairn node run` runs a node's data plane; `cairn device` and `cairn fsck` manage devices;
+//! `cairn bench` measures layers in process. Cluster commands arrive with the control plane.
 
 mod bench;
+mod config;
 mod device_cmd;
+mod node;
 mod size;
 
 use std::process::ExitCode;
@@ -26,9 +28,18 @@ enum Command {
     Device(DeviceCommand),
     /// Check a formatted device: exit 0 clean, 1 repairable, 2 data lost, 8 cannot be opened.
     Fsck(device_cmd::FsckArgs),
+    /// Run a node.
+    #[command(subcommand)]
+    Node(NodeCommand),
     /// Benchmarks (see perf/).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeCommand {
+    /// Run the node in the foreground (first run: a single-node cluster with vdisk vd0).
+    Run(node::RunArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -51,6 +62,7 @@ fn main() -> ExitCode {
         Command::Device(DeviceCommand::Format(a)) => device_cmd::format(a).map(|()| 0),
         Command::Device(DeviceCommand::Info(a)) => device_cmd::info(a).map(|()| 0),
         Command::Fsck(a) => device_cmd::fsck(a),
+        Command::Node(NodeCommand::Run(a)) => node::run(a).map(|()| 0),
         Command::Bench(b) => bench::run(b).map(|()| 0),
     };
     match result {

@@ -807,6 +807,14 @@ impl<D: BlockDevice> BlockStore<D> {
         Ok(store)
     }
 
+    /// Flushes and writes a checkpoint without giving up the store (clean shutdown while other
+    /// owners still hold it): the next open replays nothing written before this call.
+    pub async fn checkpoint(&self) -> Result<(), StoreError> {
+        self.check_failed()?;
+        let _guard = self.flush_lock.lock().await;
+        self.commit(true).await.inspect_err(|_| self.failed.set(true))
+    }
+
     /// Flushes and writes a checkpoint, so the next open replays nothing.
     pub async fn close(self) -> Result<D, StoreError> {
         self.check_failed()?;

@@ -8,7 +8,12 @@
 
 #![warn(missing_docs)]
 
+pub mod cache;
+pub mod mesh;
 pub mod metadata;
+pub mod metadata_redb;
+pub mod nbd;
 pub mod target;
+pub mod vdisk;
 
 pub use blockstore;

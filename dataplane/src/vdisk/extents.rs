@@ -1,0 +1,329 @@
+//! The extent store of one vdisk: 1 MiB extents placed in 4 MiB extent groups of the block store.
+//!
+//! The block map (extent index -> extent group and slot) lives in the metadata store under the
+//! vdisk's prefix and in memory on the owner core. A new mapping is committed before any data is
+//! written into it, pointing at cleared slices, so a mapped extent always reads as what was
+//! written to it and zeros elsewhere. Unmapped extents read as zeros and take no space (thin).
+//!
+//! ```text
+//! metadata keys (under v/<vdisk id, 16 hex digits>/):
+//!   x/<extent index, u64 big-endian>  ->  version 1, egid u64 LE, slot u8
+//!   drained                            ->  version 1, oplog batch seq u64 LE
+//! ```
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
+
+use blockstore::{BlockDevice, BlockStore, DmaBuf, ExtentGroupId, StoreError};
+
+use super::oplog::{BLOCK_BYTES, OPLOG_EGID_BIT};
+use crate::metadata::{Expect, MetaError, MetaOp, MetadataStore};
+
+/// Blocks (4 KiB) per extent: extents are 1 MiB (seed: "1 MiB extents").
+pub const EXTENT_BLOCKS: u64 = 256;
+const VALUE_VERSION: u8 = 1;
+
+/// Where an extent is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ExtentLoc {
+    /// Extent group.
+    pub egid: ExtentGroupId,
+    /// Extent slot in the group.
+    pub slot: u8,
+}
+
+/// Why an extent-store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExtentError {
+    /// The block store failed.
+    #[error("extent store of vdisk {vdisk}: {source}")]
+    Store {
+        /// Vdisk id.
+        vdisk: u64,
+        /// Cause.
+        #[source]
+        source: StoreError,
+    },
+    /// The metadata store failed.
+    #[error("extent store of vdisk {vdisk}: {source}")]
+    Meta {
+        /// Vdisk id.
+        vdisk: u64,
+        /// Cause.
+        #[source]
+        source: MetaError,
+    },
+    /// A metadata value could not be decoded.
+    #[error("extent store of vdisk {vdisk}: bad metadata value for key {key}")]
+    BadValue {
+        /// Vdisk id.
+        vdisk: u64,
+        /// Key.
+        key: String,
+    },
+    /// No free extent group on the device.
+    #[error("extent store of vdisk {vdisk}: no space on the device")]
+    NoSpace {
+        /// Vdisk id.
+        vdisk: u64,
+    },
+}
+
+/// Metadata key prefix of a vdisk.
+pub fn vdisk_prefix(vdisk: u64) -> Vec<u8> {
+    format!("v/{vdisk:016x}/").into_bytes()
+}
+
+fn extent_key(vdisk: u64, extent: u64) -> Vec<u8> {
+    let mut k = vdisk_prefix(vdisk);
+    k.extend_from_slice(b"x/");
+    k.extend_from_slice(&extent.to_be_bytes());
+    k
+}
+
+/// Key of the drained-oplog watermark of `vdisk`.
+pub fn drained_key(vdisk: u64) -> Vec<u8> {
+    let mut k = vdisk_prefix(vdisk);
+    k.extend_from_slice(b"drained");
+    k
+}
+
+/// Encodes the drained watermark.
+pub fn encode_seq(seq: u64) -> Vec<u8> {
+    let mut v = vec![VALUE_VERSION];
+    v.extend_from_slice(&seq.to_le_bytes());
+    v
+}
+
+/// Decodes the drained watermark.
+pub fn decode_seq(v: &[u8]) -> Option<u64> {
+    (v.len() == 9 && v[0] == VALUE_VERSION).then(|| u64::from_le_bytes(v[1..9].try_into().expect("8")))
+}
+
+/// Extent store ids are `vdisk << 24 | n`, without the oplog bit.
+fn extent_egid(vdisk: u64, n: u32) -> ExtentGroupId {
+    (vdisk << 24) | u64::from(n & 0x00FF_FFFF)
+}
+
+fn is_mine(vdisk: u64, egid: ExtentGroupId) -> bool {
+    egid & OPLOG_EGID_BIT == 0 && egid >> 24 == vdisk
+}
+
+/// A vdisk's extent store.
+pub struct ExtentStore<D: BlockDevice, M: MetadataStore> {
+    store: Rc<BlockStore<D>>,
+    meta: Rc<M>,
+    vdisk: u64,
+    extents_per_egroup: u8,
+    map: RefCell<HashMap<u64, ExtentLoc>>,
+    /// Extent group being filled and its next free slot.
+    open: Cell<Option<(ExtentGroupId, u8)>>,
+    next_n: Cell<u32>,
+    /// Serializes new mappings (rare: once per 1 MiB extent).
+    map_lock: async_lock::Mutex<()>,
+}
+
+impl<D: BlockDevice, M: MetadataStore> ExtentStore<D, M> {
+    /// Loads the block map of `vdisk` and frees extent groups it does not reference (left by
+    /// a crash between writing data and committing its mapping).
+    pub async fn load(store: Rc<BlockStore<D>>, meta: Rc<M>, vdisk: u64) -> Result<Self, ExtentError> {
+        let layout = *store.layout();
+        assert_eq!(layout.slice_bytes as usize, BLOCK_BYTES);
+        let per = (u64::from(layout.egroup_bytes) / (EXTENT_BLOCKS * BLOCK_BYTES as u64)) as u8;
+        assert!(per >= 1, "extent groups must hold at least one 1 MiB extent");
+        let mut prefix = vdisk_prefix(vdisk);
+        prefix.extend_from_slice(b"x/");
+        let rows = meta
+            .scan(&prefix)
+            .await
+            .map_err(|source| ExtentError::Meta { vdisk, source })?;
+        let mut map = HashMap::with_capacity(rows.len());
+        let mut used: BTreeMap<ExtentGroupId, u8> = BTreeMap::new();
+        for (k, v) in rows {
+            let bad = || ExtentError::BadValue {
+                vdisk,
+                key: crate::metadata::printable_key(&k),
+            };
+            let idx = u64::from_be_bytes(k[prefix.len()..].try_into().map_err(|_| bad())?);
+            let val = &v.value;
+            if val.len() != 10 || val[0] != VALUE_VERSION {
+                return Err(bad());
+            }
+            let loc = ExtentLoc {
+                egid: u64::from_le_bytes(val[1..9].try_into().expect("8")),
+                slot: val[9],
+            };
+            if loc.slot >= per || !is_mine(vdisk, loc.egid) {
+                return Err(bad());
+            }
+            map.insert(idx, loc);
+            let u = used.entry(loc.egid).or_default();
+            *u = (*u).max(loc.slot + 1);
+        }
+        // Unreferenced extent groups of this vdisk: free them.
+        let mut freed = 0;
+        for e in store.egroups() {
+            if is_mine(vdisk, e.egid) && !used.contains_key(&e.egid) {
+                store.free(e.egid).map_err(|source| ExtentError::Store { vdisk, source })?;
+                freed += 1;
+            }
+        }
+        if freed > 0 {
+            store
+                .flush()
+                .await
+                .map_err(|source| ExtentError::Store { vdisk, source })?;
+        }
+        let open = used
+            .iter()
+            .next_back()
+            .filter(|(_, next)| **next < per)
+            .map(|(&egid, &next)| (egid, next));
+        let next_n = used.keys().next_back().map_or(0, |e| (e & 0x00FF_FFFF) as u32 + 1);
+        Ok(Self {
+            store,
+            meta,
+            vdisk,
+            extents_per_egroup: per,
+            map: RefCell::new(map),
+            open: Cell::new(open),
+            next_n: Cell::new(next_n),
+            map_lock: async_lock::Mutex::new(()),
+        })
+    }
+
+    /// Where extent `extent` is, if mapped.
+    pub fn lookup(&self, extent: u64) -> Option<ExtentLoc> {
+        self.map.borrow().get(&extent).copied()
+    }
+
+    /// Mapped extents.
+    pub fn mapped_extents(&self) -> usize {
+        self.map.borrow().len()
+    }
+
+    /// Maps `extent` if it is not mapped yet, durably: the slot is cleared and the block store
+    /// flushed before the mapping is committed, so after any crash a mapped extent reads as its
+    /// written blocks and zeros elsewhere. Costs a metadata commit per new 1 MiB extent only.
+    pub async fn ensure_mapped(&self, extent: u64) -> Result<ExtentLoc, ExtentError> {
+        if let Some(loc) = self.lookup(extent) {
+            return Ok(loc);
+        }
+        let _guard = self.map_lock.lock().await;
+        if let Some(loc) = self.lookup(extent) {
+            return Ok(loc);
+        }
+        let vdisk = self.vdisk;
+        let err = |source| ExtentError::Store { vdisk, source };
+        let loc = match self.open.get() {
+            Some((egid, slot)) => {
+                // The slot may hold slices of a mapping that was never committed: clear them so
+                // unwritten blocks of the new extent read as zeros.
+                let first = u32::from(slot) * EXTENT_BLOCKS as u32;
+                self.store
+                    .trim_slices(egid, first, EXTENT_BLOCKS as u32)
+                    .await
+                    .map_err(err)?;
+                ExtentLoc { egid, slot }
+            }
+            None => loop {
+                let n = self.next_n.get();
+                self.next_n.set((n + 1) & 0x00FF_FFFF);
+                let egid = extent_egid(vdisk, n);
+                match self.store.allocate(egid) {
+                    Ok(()) => break ExtentLoc { egid, slot: 0 },
+                    Err(StoreError::EgroupExists { .. }) => continue,
+                    Err(StoreError::NoSpace { .. }) => return Err(ExtentError::NoSpace { vdisk }),
+                    Err(e) => return Err(err(e)),
+                }
+            },
+        };
+        let next = loc.slot + 1;
+        self.open
+            .set((next < self.extents_per_egroup).then_some((loc.egid, next)));
+        self.store.flush().await.map_err(err)?;
+        let mut value = vec![VALUE_VERSION];
+        value.extend_from_slice(&loc.egid.to_le_bytes());
+        value.push(loc.slot);
+        self.commit(vec![MetaOp::Put {
+            key: extent_key(vdisk, extent),
+            value,
+            expect: Expect::Absent,
+        }])
+        .await?;
+        self.map.borrow_mut().insert(extent, loc);
+        Ok(loc)
+    }
+
+    fn first_slice(loc: ExtentLoc, vblock: u64) -> u32 {
+        (u64::from(loc.slot) * EXTENT_BLOCKS + vblock % EXTENT_BLOCKS) as u32
+    }
+
+    /// Reads blocks `vblock..` (within one extent) into `buf`; unmapped extents read as zeros.
+    pub async fn read(&self, vblock: u64, buf: &mut DmaBuf) -> Result<(), ExtentError> {
+        debug_assert!(vblock % EXTENT_BLOCKS + (buf.len() / BLOCK_BYTES) as u64 <= EXTENT_BLOCKS);
+        match self.lookup(vblock / EXTENT_BLOCKS) {
+            None => {
+                buf.fill(0);
+                Ok(())
+            }
+            Some(loc) => self
+                .store
+                .read_slices(loc.egid, Self::first_slice(loc, vblock), buf)
+                .await
+                .map_err(|source| ExtentError::Store {
+                    vdisk: self.vdisk,
+                    source,
+                }),
+        }
+    }
+
+    /// Writes blocks `vblock..` (within one mapped extent) from `buf`.
+    pub async fn write(&self, loc: ExtentLoc, vblock: u64, buf: &DmaBuf) -> Result<(), ExtentError> {
+        self.store
+            .write_slices(loc.egid, Self::first_slice(loc, vblock), buf)
+            .await
+            .map_err(|source| ExtentError::Store {
+                vdisk: self.vdisk,
+                source,
+            })
+    }
+
+    /// Releases blocks `vblock..vblock + blocks` (within one extent): they read as zeros.
+    pub async fn trim(&self, vblock: u64, blocks: u32) -> Result<(), ExtentError> {
+        let Some(loc) = self.lookup(vblock / EXTENT_BLOCKS) else {
+            return Ok(());
+        };
+        self.store
+            .trim_slices(loc.egid, Self::first_slice(loc, vblock), blocks)
+            .await
+            .map_err(|source| ExtentError::Store {
+                vdisk: self.vdisk,
+                source,
+            })
+    }
+
+    /// Makes written data durable (block store flush).
+    pub async fn flush(&self) -> Result<(), ExtentError> {
+        self.store.flush().await.map_err(|source| ExtentError::Store {
+            vdisk: self.vdisk,
+            source,
+        })
+    }
+
+    /// Commits metadata operations (new mappings, the drained watermark).
+    pub async fn commit(&self, ops: Vec<MetaOp>) -> Result<(), ExtentError> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        self.meta
+            .apply(ops)
+            .await
+            .map(|_| ())
+            .map_err(|source| ExtentError::Meta {
+                vdisk: self.vdisk,
+                source,
+            })
+    }
+}

@@ -1,0 +1,732 @@
+//! The oplog: a vdisk's persistent write log on the fastest device.
+//!
+//! Random and small writes land here first. The oplog is a sequence of *batches* written into
+//! extent groups of the block store (4 KiB slices) reserved for it: one header slice listing the
+//! batch's entries, then their data slices. Writers copy their data into the batch being filled;
+//! whoever takes the commit lock writes every waiting writer's data in one `write_slices` and one
+//! block-store flush (group commit), so at queue depth 32 one flush acknowledges many writes. A
+//! write returns only when its batch is durable.
+//!
+//! ```text
+//! oplog extent group (egid = OPLOG_EGID_BIT | vdisk << 24 | n), 4 KiB slices:
+//! +--------+-------+-------+-----+--------+-------+-----+------ ... ----+
+//! | header | data  | data  | ... | header | data  | ... | unwritten     |
+//! | seq s  | (e0)  | (e0)  |     | seq s+1|       |     |               |
+//! +--------+-------+-------+-----+--------+-------+-----+------ ... ----+
+//!
+//! header slice (4096 bytes, little-endian):
+//!   0  8  magic "CRNOPLG1"        8  4  version (1)     12  4  entry count
+//!  16  8  vdisk id               24  8  batch seq       32  4  data slices   36   4  zero
+//!  40 16  block-store format uuid                        56   8  zero
+//!  64  .  entries, 16 bytes each: vblock u64, blocks u32 (bit 31: zero entry, no data),
+//!         crc32c u32 of the entry's data
+//! 4092 4  crc32c of bytes 0..4092
+//! ```
+//!
+//! Each slice also carries the block store's own crc32c, verified on every read. Recovery reads
+//! the oplog extent groups in order and replays batches with consecutive sequence numbers above
+//! the drained watermark (kept in metadata), stopping at the first batch that is unwritten, torn
+//! or out of sequence: that batch's flush never completed, so none of its writes was acknowledged.
+//!
+//! The in-memory index maps each 4 KiB vdisk block to its newest oplog copy; reads consult it
+//! before the cache and the extent store.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, VecDeque};
+use std::rc::Rc;
+
+use blockstore::{BlockDevice, BlockStore, DmaBuf, ExtentGroupId, StoreError};
+
+/// Bytes per vdisk block (and per oplog slice).
+pub const BLOCK_BYTES: usize = 4096;
+/// Oplog extent group ids have this bit set (extent store ids never do).
+pub const OPLOG_EGID_BIT: u64 = 1 << 62;
+/// Largest entry in blocks: writes are split into entries of at most 256 KiB.
+pub const MAX_ENTRY_BLOCKS: u32 = 64;
+/// Entries per batch (what fits in the header slice).
+pub const MAX_BATCH_ENTRIES: usize = (BLOCK_BYTES - 64 - 4) / 16;
+/// Data slices per batch (1 MiB).
+pub const MAX_BATCH_DATA_BLOCKS: u32 = 256;
+
+const MAGIC: [u8; 8] = *b"CRNOPLG1";
+const VERSION: u32 = 1;
+const ZERO_FLAG: u32 = 1 << 31;
+
+const _: () = assert!(MAX_ENTRY_BLOCKS <= MAX_BATCH_DATA_BLOCKS);
+const _: () = assert!(MAX_BATCH_ENTRIES >= 200);
+
+/// Where the newest copy of a vdisk block is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OplogLoc {
+    /// Batch sequence number.
+    pub seq: u64,
+    /// Oplog extent group.
+    pub egid: ExtentGroupId,
+    /// Slice in it (`None`: the block was zeroed/trimmed).
+    pub slice: Option<u32>,
+}
+
+/// One entry of a batch, as kept in memory for draining.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryInfo {
+    /// First vdisk block.
+    pub vblock: u64,
+    /// Number of blocks.
+    pub blocks: u32,
+    /// A zero (trim / write-zeroes) entry.
+    pub zero: bool,
+}
+
+/// A durable batch not yet drained.
+#[derive(Debug, Clone)]
+pub struct BatchInfo {
+    /// Sequence number.
+    pub seq: u64,
+    /// Extent group holding it.
+    pub egid: ExtentGroupId,
+    /// Its entries.
+    pub entries: Vec<EntryInfo>,
+    /// Data blocks it holds.
+    pub data_blocks: u32,
+}
+
+/// An oplog extent group in use.
+#[derive(Debug, Clone, Copy)]
+struct OplogEgroup {
+    egid: ExtentGroupId,
+    /// Highest batch sequence written into it.
+    last_seq: u64,
+}
+
+/// Why an oplog operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OplogError {
+    /// The block store failed (the oplog stops accepting writes).
+    #[error("oplog of vdisk {vdisk}: {source}")]
+    Store {
+        /// Vdisk id.
+        vdisk: u64,
+        /// Cause.
+        #[source]
+        source: StoreError,
+    },
+    /// An earlier commit failed; the oplog accepts no more writes until the node restarts.
+    #[error("oplog of vdisk {vdisk} is offline after an earlier failure")]
+    Failed {
+        /// Vdisk id.
+        vdisk: u64,
+    },
+    /// The device has no free extent group for the oplog and nothing to drain.
+    #[error("oplog of vdisk {vdisk}: no space on the device")]
+    NoSpace {
+        /// Vdisk id.
+        vdisk: u64,
+    },
+}
+
+/// The batch being filled by writers.
+struct Filling {
+    buf: DmaBuf,
+    entries: Vec<EntryInfo>,
+    crcs: Vec<u32>,
+    data_blocks: u32,
+    /// Ticket of the last writer in this batch.
+    last_ticket: u64,
+}
+
+struct State {
+    filling: Filling,
+    spare: Option<DmaBuf>,
+    egroups: VecDeque<OplogEgroup>,
+    /// Next free slice in the newest oplog extent group.
+    next_slice: u32,
+    next_egroup_n: u32,
+    next_seq: u64,
+    next_ticket: u64,
+    /// Tickets up to this one are durable.
+    durable_ticket: u64,
+    index: BTreeMap<u64, OplogLoc>,
+    batches: VecDeque<BatchInfo>,
+    failed: bool,
+}
+
+/// A vdisk's oplog.
+pub struct Oplog<D: BlockDevice> {
+    store: Rc<BlockStore<D>>,
+    vdisk: u64,
+    uuid: u128,
+    slices_per_egroup: u32,
+    state: RefCell<State>,
+    commit_lock: async_lock::Mutex<()>,
+    /// Signalled when a batch becomes durable (the drain waits on it).
+    committed: event_listener::Event,
+    /// Signalled when the drain freed space (back-pressured writers wait on it).
+    drained: event_listener::Event,
+    cap_bytes: u64,
+    held_bytes: Cell<u64>,
+}
+
+/// Extent group id of the `n`-th oplog extent group of `vdisk`.
+pub fn oplog_egid(vdisk: u64, n: u32) -> ExtentGroupId {
+    OPLOG_EGID_BIT | (vdisk << 24) | u64::from(n & 0x00FF_FFFF)
+}
+
+fn batch_buf() -> DmaBuf {
+    DmaBuf::new((1 + MAX_BATCH_DATA_BLOCKS as usize) * BLOCK_BYTES)
+}
+
+fn rd_u32(b: &[u8], o: usize) -> u32 {
+    u32::from_le_bytes(b[o..o + 4].try_into().expect("4 bytes"))
+}
+fn rd_u128(b: &[u8], o: usize) -> u128 {
+    u128::from_le_bytes(b[o..o + 16].try_into().expect("16 bytes"))
+}
+fn rd_u64(b: &[u8], o: usize) -> u64 {
+    u64::from_le_bytes(b[o..o + 8].try_into().expect("8 bytes"))
+}
+
+/// A decoded batch header.
+struct Header {
+    seq: u64,
+    data_slices: u32,
+    entries: Vec<(EntryInfo, u32)>,
+}
+
+fn decode_header(b: &[u8], vdisk: u64, uuid: u128) -> Option<Header> {
+    if b[0..8] != MAGIC || rd_u32(b, 8) != VERSION || rd_u64(b, 16) != vdisk || rd_u128(b, 40) != uuid {
+        return None;
+    }
+    if rd_u32(b, 4092) != crc32c::crc32c(&b[..4092]) {
+        return None;
+    }
+    let count = rd_u32(b, 12) as usize;
+    let data_slices = rd_u32(b, 32);
+    if count > MAX_BATCH_ENTRIES || data_slices > MAX_BATCH_DATA_BLOCKS {
+        return None;
+    }
+    let mut entries = Vec::with_capacity(count);
+    let mut data = 0u32;
+    for i in 0..count {
+        let o = 64 + 16 * i;
+        let raw = rd_u32(b, o + 8);
+        let zero = raw & ZERO_FLAG != 0;
+        let blocks = raw & !ZERO_FLAG;
+        if blocks == 0 || (!zero && blocks > MAX_ENTRY_BLOCKS) {
+            return None;
+        }
+        if !zero {
+            data += blocks;
+        }
+        entries.push((
+            EntryInfo {
+                vblock: rd_u64(b, o),
+                blocks,
+                zero,
+            },
+            rd_u32(b, o + 12),
+        ));
+    }
+    (data == data_slices).then_some(Header {
+        seq: rd_u64(b, 24),
+        data_slices,
+        entries,
+    })
+}
+
+impl<D: BlockDevice> Oplog<D> {
+    /// Recovers the oplog of `vdisk` from `store`: replays durable batches above `drained_seq`
+    /// and frees oplog extent groups that hold nothing undrained.
+    pub async fn recover(
+        store: Rc<BlockStore<D>>,
+        vdisk: u64,
+        drained_seq: u64,
+        cap_bytes: u64,
+    ) -> Result<Self, OplogError> {
+        let err = |source| OplogError::Store { vdisk, source };
+        let layout = *store.layout();
+        assert_eq!(layout.slice_bytes as usize, BLOCK_BYTES, "oplog needs 4 KiB slices");
+        let slices_per_egroup = layout.slices_per_egroup();
+        let mut mine: Vec<ExtentGroupId> = store
+            .egroups()
+            .iter()
+            .map(|e| e.egid)
+            .filter(|&e| e & OPLOG_EGID_BIT != 0 && (e & !OPLOG_EGID_BIT) >> 24 == vdisk)
+            .collect();
+        mine.sort_by_key(|e| e & 0x00FF_FFFF);
+        let uuid = store.superblock().uuid;
+        let mut index = BTreeMap::new();
+        let mut batches = VecDeque::new();
+        let mut egroups = VecDeque::new();
+        let mut expected: Option<u64> = None;
+        let mut last_seq = drained_seq;
+        let mut next_slice = slices_per_egroup;
+        // After the first extent group without a valid batch in sequence, nothing later was
+        // acknowledged (batches are written one at a time, each flushed before the next).
+        let mut stopped = false;
+        let mut header = DmaBuf::new(BLOCK_BYTES);
+        let mut to_free = Vec::new();
+        for &egid in &mine {
+            if stopped {
+                to_free.push(egid);
+                continue;
+            }
+            let mut slice = 0;
+            let mut eg_last = None;
+            while slice < slices_per_egroup {
+                if store.read_slices(egid, slice, &mut header).await.is_err() {
+                    break;
+                }
+                let Some(h) = decode_header(&header, vdisk, uuid) else {
+                    break;
+                };
+                if expected.is_some_and(|e| h.seq != e) || slice + 1 + h.data_slices > slices_per_egroup {
+                    break;
+                }
+                // Verify the batch's data before believing it.
+                if h.data_slices > 0 {
+                    let mut data = DmaBuf::new(h.data_slices as usize * BLOCK_BYTES);
+                    if store.read_slices(egid, slice + 1, &mut data).await.is_err() {
+                        break;
+                    }
+                    let mut off = 0;
+                    let mut ok = true;
+                    for (e, crc) in h.entries.iter().filter(|(e, _)| !e.zero) {
+                        let len = e.blocks as usize * BLOCK_BYTES;
+                        ok &= crc32c::crc32c(&data[off..off + len]) == *crc;
+                        off += len;
+                    }
+                    if !ok {
+                        break;
+                    }
+                }
+                expected = Some(h.seq + 1);
+                eg_last = Some(h.seq);
+                last_seq = last_seq.max(h.seq);
+                if h.seq > drained_seq {
+                    let mut data_slice = slice + 1;
+                    let mut infos = Vec::with_capacity(h.entries.len());
+                    for (e, _) in &h.entries {
+                        for i in 0..e.blocks {
+                            let loc = OplogLoc {
+                                seq: h.seq,
+                                egid,
+                                slice: (!e.zero).then_some(data_slice + i),
+                            };
+                            index.insert(e.vblock + u64::from(i), loc);
+                        }
+                        if !e.zero {
+                            data_slice += e.blocks;
+                        }
+                        infos.push(*e);
+                    }
+                    batches.push_back(BatchInfo {
+                        seq: h.seq,
+                        egid,
+                        entries: infos,
+                        data_blocks: h.data_slices,
+                    });
+                }
+                slice += 1 + h.data_slices;
+            }
+            match eg_last {
+                None => {
+                    to_free.push(egid);
+                    stopped = true;
+                }
+                Some(last) => {
+                    egroups.push_back(OplogEgroup {
+                        egid,
+                        last_seq: last,
+                    });
+                    next_slice = slice;
+                }
+            }
+        }
+        // Oplog extent groups whose batches are all drained hold nothing needed.
+        while let Some(front) = egroups.front() {
+            if front.last_seq <= drained_seq && egroups.len() > 1 {
+                to_free.push(front.egid);
+                egroups.pop_front();
+            } else {
+                break;
+            }
+        }
+        let next_egroup_n = mine.last().map_or(0, |e| (e & 0x00FF_FFFF) as u32 + 1);
+        for egid in to_free {
+            store.free(egid).map_err(err)?;
+        }
+        store.flush().await.map_err(err)?;
+        let held = egroups.len() as u64 * u64::from(layout.egroup_bytes);
+        Ok(Self {
+            store,
+            vdisk,
+            uuid,
+            slices_per_egroup,
+            state: RefCell::new(State {
+                filling: Filling {
+                    buf: batch_buf(),
+                    entries: Vec::with_capacity(MAX_BATCH_ENTRIES),
+                    crcs: Vec::with_capacity(MAX_BATCH_ENTRIES),
+                    data_blocks: 0,
+                    last_ticket: 0,
+                },
+                spare: Some(batch_buf()),
+                egroups,
+                next_slice,
+                next_egroup_n,
+                next_seq: last_seq + 1,
+                next_ticket: 1,
+                durable_ticket: 0,
+                index,
+                batches,
+                failed: false,
+            }),
+            commit_lock: async_lock::Mutex::new(()),
+            committed: event_listener::Event::new(),
+            drained: event_listener::Event::new(),
+            cap_bytes,
+            held_bytes: Cell::new(held),
+        })
+    }
+
+    /// Bytes of extent groups the oplog holds.
+    pub fn held_bytes(&self) -> u64 {
+        self.held_bytes.get()
+    }
+
+    /// Undrained durable batches.
+    pub fn undrained_batches(&self) -> usize {
+        self.state.borrow().batches.len()
+    }
+
+    /// The newest oplog copy of `vblock`, if any.
+    pub fn lookup(&self, vblock: u64) -> Option<OplogLoc> {
+        self.state.borrow().index.get(&vblock).copied()
+    }
+
+    /// Whether any block in `[vblock, vblock + blocks)` has an oplog copy.
+    pub fn overlaps(&self, vblock: u64, blocks: u64) -> bool {
+        self.state
+            .borrow()
+            .index
+            .range(vblock..vblock + blocks)
+            .next()
+            .is_some()
+    }
+
+    /// Reads `blocks` consecutive oplog slices starting at `loc` into `buf`.
+    pub async fn read(&self, egid: ExtentGroupId, slice: u32, buf: &mut DmaBuf) -> Result<(), OplogError> {
+        self.store
+            .read_slices(egid, slice, buf)
+            .await
+            .map_err(|source| OplogError::Store {
+                vdisk: self.vdisk,
+                source,
+            })
+    }
+
+    /// Appends a write of whole blocks (`data` is `blocks * 4 KiB`, or `None` for zeroes) and
+    /// returns once it is durable.
+    pub async fn append(&self, vblock: u64, blocks: u32, data: Option<&[u8]>) -> Result<(), OplogError> {
+        assert!(blocks > 0);
+        if let Some(d) = data {
+            assert_eq!(d.len(), blocks as usize * BLOCK_BYTES);
+        }
+        // Back-pressure: wait while the oplog holds more than its cap.
+        while self.held_bytes.get() >= self.cap_bytes {
+            let listener = self.drained.listen();
+            if self.held_bytes.get() < self.cap_bytes {
+                break;
+            }
+            listener.await;
+        }
+        let mut done = 0u32;
+        let mut last_ticket = 0;
+        while done < blocks {
+            let n = (blocks - done).min(MAX_ENTRY_BLOCKS);
+            let part = data.map(|d| &d[done as usize * BLOCK_BYTES..(done + n) as usize * BLOCK_BYTES]);
+            last_ticket = self.enqueue(vblock + u64::from(done), n, part).await?;
+            done += n;
+        }
+        self.wait_durable(last_ticket).await
+    }
+
+    /// Copies one entry into the batch being filled (committing first when it is full).
+    async fn enqueue(&self, vblock: u64, blocks: u32, data: Option<&[u8]>) -> Result<u64, OplogError> {
+        loop {
+            {
+                let mut st = self.state.borrow_mut();
+                if st.failed {
+                    return Err(OplogError::Failed { vdisk: self.vdisk });
+                }
+                let need = if data.is_some() { blocks } else { 0 };
+                let f = &mut st.filling;
+                if f.entries.len() < MAX_BATCH_ENTRIES && f.data_blocks + need <= MAX_BATCH_DATA_BLOCKS {
+                    let crc = match data {
+                        Some(d) => {
+                            let off = (1 + f.data_blocks as usize) * BLOCK_BYTES;
+                            f.buf[off..off + d.len()].copy_from_slice(d);
+                            crc32c::crc32c(d)
+                        }
+                        None => 0,
+                    };
+                    f.entries.push(EntryInfo {
+                        vblock,
+                        blocks,
+                        zero: data.is_none(),
+                    });
+                    f.crcs.push(crc);
+                    f.data_blocks += need;
+                    let ticket = st.next_ticket;
+                    st.next_ticket += 1;
+                    st.filling.last_ticket = ticket;
+                    return Ok(ticket);
+                }
+            }
+            // Full: commit it (or wait for whoever is committing) and try again.
+            let _guard = self.commit_lock.lock().await;
+            self.commit_filling().await?;
+        }
+    }
+
+    async fn wait_durable(&self, ticket: u64) -> Result<(), OplogError> {
+        loop {
+            {
+                let st = self.state.borrow();
+                if st.durable_ticket >= ticket {
+                    return Ok(());
+                }
+                if st.failed {
+                    return Err(OplogError::Failed { vdisk: self.vdisk });
+                }
+            }
+            let _guard = self.commit_lock.lock().await;
+            if self.state.borrow().durable_ticket >= ticket {
+                return Ok(());
+            }
+            self.commit_filling().await?;
+        }
+    }
+
+    /// Writes the filling batch and flushes. Caller holds the commit lock.
+    async fn commit_filling(&self) -> Result<(), OplogError> {
+        let r = self.commit_inner().await;
+        if r.is_err() {
+            self.state.borrow_mut().failed = true;
+            self.committed.notify(usize::MAX);
+        }
+        r
+    }
+
+    async fn commit_inner(&self) -> Result<(), OplogError> {
+        let vdisk = self.vdisk;
+        let err = |source| OplogError::Store { vdisk, source };
+        // Take the filled batch, leaving the spare buffer for writers to fill meanwhile.
+        let (mut buf, entries, crcs, data_blocks, last_ticket, seq) = {
+            let mut st = self.state.borrow_mut();
+            if st.filling.entries.is_empty() {
+                return Ok(());
+            }
+            let spare = st.spare.take().expect("spare batch buffer");
+            let f = std::mem::replace(
+                &mut st.filling,
+                Filling {
+                    buf: spare,
+                    entries: Vec::with_capacity(MAX_BATCH_ENTRIES),
+                    crcs: Vec::with_capacity(MAX_BATCH_ENTRIES),
+                    data_blocks: 0,
+                    last_ticket: 0,
+                },
+            );
+            let seq = st.next_seq;
+            st.next_seq += 1;
+            (f.buf, f.entries, f.crcs, f.data_blocks, f.last_ticket, seq)
+        };
+        // Header.
+        {
+            let h = &mut buf[..BLOCK_BYTES];
+            h.fill(0);
+            h[0..8].copy_from_slice(&MAGIC);
+            h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+            h[12..16].copy_from_slice(&(entries.len() as u32).to_le_bytes());
+            h[16..24].copy_from_slice(&self.vdisk.to_le_bytes());
+            h[24..32].copy_from_slice(&seq.to_le_bytes());
+            h[32..36].copy_from_slice(&data_blocks.to_le_bytes());
+            // The block store's format uuid: a guest block crafted to look like a header
+            // cannot know it, so stale data slices never parse as a batch.
+            h[40..56].copy_from_slice(&self.uuid.to_le_bytes());
+            for (i, (e, crc)) in entries.iter().zip(&crcs).enumerate() {
+                let o = 64 + 16 * i;
+                h[o..o + 8].copy_from_slice(&e.vblock.to_le_bytes());
+                let raw = e.blocks | if e.zero { ZERO_FLAG } else { 0 };
+                h[o + 8..o + 12].copy_from_slice(&raw.to_le_bytes());
+                h[o + 12..o + 16].copy_from_slice(&crc.to_le_bytes());
+            }
+            let crc = crc32c::crc32c(&h[..4092]);
+            h[4092..].copy_from_slice(&crc.to_le_bytes());
+        }
+        let slices = 1 + data_blocks;
+        // Place the batch: the newest oplog extent group if it fits, else a new one.
+        let (egid, first) = {
+            let need_new = {
+                let st = self.state.borrow();
+                st.egroups.is_empty() || st.next_slice + slices > self.slices_per_egroup
+            };
+            if need_new {
+                let egid = self.allocate_egroup().await?;
+                let mut st = self.state.borrow_mut();
+                st.egroups.push_back(OplogEgroup { egid, last_seq: seq });
+                st.next_slice = 0;
+            }
+            let mut st = self.state.borrow_mut();
+            let first = st.next_slice;
+            st.next_slice += slices;
+            let back = st.egroups.back_mut().expect("an oplog extent group");
+            back.last_seq = seq;
+            (back.egid, first)
+        };
+        let write_len = slices as usize * BLOCK_BYTES;
+        let result = if write_len == buf.len() {
+            self.store.write_slices(egid, first, &buf).await
+        } else {
+            let mut exact = DmaBuf::new(write_len);
+            exact.copy_from_slice(&buf[..write_len]);
+            self.store.write_slices(egid, first, &exact).await
+        };
+        result.map_err(err)?;
+        self.store.flush().await.map_err(err)?;
+        // Durable: index the batch and release its writers.
+        let mut st = self.state.borrow_mut();
+        let mut data_slice = first + 1;
+        for e in &entries {
+            for i in 0..e.blocks {
+                let loc = OplogLoc {
+                    seq,
+                    egid,
+                    slice: (!e.zero).then_some(data_slice + i),
+                };
+                st.index.insert(e.vblock + u64::from(i), loc);
+            }
+            if !e.zero {
+                data_slice += e.blocks;
+            }
+        }
+        st.batches.push_back(BatchInfo {
+            seq,
+            egid,
+            entries,
+            data_blocks,
+        });
+        st.durable_ticket = st.durable_ticket.max(last_ticket);
+        st.spare = Some(buf);
+        drop(st);
+        self.committed.notify(usize::MAX);
+        Ok(())
+    }
+
+    async fn allocate_egroup(&self) -> Result<ExtentGroupId, OplogError> {
+        loop {
+            let egid = {
+                let mut st = self.state.borrow_mut();
+                let n = st.next_egroup_n;
+                st.next_egroup_n = (n + 1) & 0x00FF_FFFF;
+                oplog_egid(self.vdisk, n)
+            };
+            match self.store.allocate(egid) {
+                Ok(()) => {
+                    self.held_bytes
+                        .set(self.held_bytes.get() + u64::from(self.store.layout().egroup_bytes));
+                    return Ok(egid);
+                }
+                Err(StoreError::EgroupExists { .. }) => continue,
+                Err(StoreError::NoSpace { pending_free, .. }) => {
+                    // Space comes back when the drain frees oplog extent groups (and they are
+                    // flushed); with nothing to drain, the device is full.
+                    if self.state.borrow().batches.is_empty() && pending_free == 0 {
+                        return Err(OplogError::NoSpace { vdisk: self.vdisk });
+                    }
+                    if pending_free > 0 {
+                        self.store.flush().await.map_err(|source| OplogError::Store {
+                            vdisk: self.vdisk,
+                            source,
+                        })?;
+                        continue;
+                    }
+                    let listener = self.drained.listen();
+                    listener.await;
+                }
+                Err(source) => {
+                    return Err(OplogError::Store {
+                        vdisk: self.vdisk,
+                        source,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Waits until at least one durable batch is undrained.
+    pub async fn wait_for_work(&self) {
+        loop {
+            let listener = self.committed.listen();
+            if !self.state.borrow().batches.is_empty() || self.state.borrow().failed {
+                return;
+            }
+            listener.await;
+        }
+    }
+
+    /// The oldest undrained batches, up to about `max_blocks` of data (at least one batch).
+    pub fn batches_to_drain(&self, max_blocks: u32) -> Vec<BatchInfo> {
+        let st = self.state.borrow();
+        let mut out = Vec::new();
+        let mut total = 0;
+        for b in &st.batches {
+            if !out.is_empty() && total + b.data_blocks > max_blocks {
+                break;
+            }
+            total += b.data_blocks;
+            out.push(b.clone());
+        }
+        out
+    }
+
+    /// Marks batches up to `seq` drained: drops their index entries (unless overwritten by a
+    /// newer batch) and frees oplog extent groups that hold nothing newer.
+    pub fn drained(&self, seq: u64) -> Result<(), OplogError> {
+        let mut st = self.state.borrow_mut();
+        while st.batches.front().is_some_and(|b| b.seq <= seq) {
+            let b = st.batches.pop_front().expect("front");
+            for e in &b.entries {
+                for i in 0..e.blocks {
+                    let vb = e.vblock + u64::from(i);
+                    if st.index.get(&vb).is_some_and(|l| l.seq <= seq) {
+                        st.index.remove(&vb);
+                    }
+                }
+            }
+        }
+        // Free fully drained extent groups, except the newest (still being appended to).
+        let mut freed = 0;
+        while st.egroups.len() > 1 && st.egroups.front().is_some_and(|g| g.last_seq <= seq) {
+            let g = st.egroups.pop_front().expect("front");
+            self.store.free(g.egid).map_err(|source| OplogError::Store {
+                vdisk: self.vdisk,
+                source,
+            })?;
+            freed += 1;
+        }
+        drop(st);
+        if freed > 0 {
+            let eg = u64::from(self.store.layout().egroup_bytes);
+            self.held_bytes.set(self.held_bytes.get() - freed * eg);
+            self.drained.notify(usize::MAX);
+        }
+        Ok(())
+    }
+
+    /// Whether the oplog has failed.
+    pub fn is_failed(&self) -> bool {
+        self.state.borrow().failed
+    }
+}

@@ -1,0 +1,284 @@
+//! The node configuration file (TOML).
+//!
+//! ```toml
+//! listen = "127.0.0.1"        # address of the host frontends
+//! nbd_port = 10809
+//! cores = 0                   # data-plane executors; 0 = one per online CPU
+//! cache_size = "256MiB"       # unified read cache of the node (split between its cores)
+//! oplog_cap = "6GiB"          # per vdisk
+//!
+//! [[device]]
+//! path = "dev0.img"           # relative paths are under the data directory
+//! size = "16GiB"              # a missing file is created (sparse) and formatted
+//! tier = "ssd"
+//!
+//! [[vdisk]]
+//! name = "vd0"
+//! id = 1
+//! size = "4GiB"
+//! container = "default"
+//! device = 0                  # index of the device that holds its oplog and extents
+//! ```
+//!
+//! Unknown keys and bad values are refused with the file, the key and the reason.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use blockstore::Tier;
+use serde::{Deserialize, Deserializer, Serialize};
+
+use crate::size::parse_size;
+
+/// Name of the configuration a node writes into a new data directory.
+pub const NODE_CONFIG_FILE: &str = "node.toml";
+/// Default NBD port (IANA).
+pub const DEFAULT_NBD_PORT: u16 = 10809;
+/// Default unified read cache of a node.
+pub const DEFAULT_CACHE_BYTES: u64 = 256 << 20;
+/// Size of the device file of the embedded default (sparse: costs what is written).
+pub const DEFAULT_DEVICE_BYTES: u64 = 16 << 30;
+/// Size of the embedded default vdisk.
+pub const DEFAULT_VDISK_BYTES: u64 = 4 << 30;
+
+/// A size written as a number of bytes or a string with a binary unit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Size(pub u64);
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Str(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(Size(n)),
+            Raw::Str(s) => parse_size(&s).map(Size).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl Serialize for Size {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let b = self.0;
+        let text = if b % (1 << 30) == 0 {
+            format!("{}GiB", b >> 30)
+        } else if b % (1 << 20) == 0 {
+            format!("{}MiB", b >> 20)
+        } else {
+            b.to_string()
+        };
+        s.serialize_str(&text)
+    }
+}
+
+fn tier_de<'de, D: Deserializer<'de>>(d: D) -> Result<Tier, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map_err(serde::de::Error::custom)
+}
+
+fn tier_ser<S: serde::Serializer>(t: &Tier, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(t.as_str())
+}
+
+fn default_tier() -> Tier {
+    Tier::Ssd
+}
+
+/// One device.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceConfig {
+    /// File or raw block device; relative to the data directory.
+    pub path: PathBuf,
+    /// Size of a file to create when missing.
+    pub size: Option<Size>,
+    /// Tier.
+    #[serde(default = "default_tier", deserialize_with = "tier_de", serialize_with = "tier_ser")]
+    pub tier: Tier,
+}
+
+/// One vdisk.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VdiskEntry {
+    /// Name (export name, iSCSI target suffix).
+    pub name: String,
+    /// Cluster-unique id, 1 to 2^30-1.
+    pub id: u64,
+    /// Size.
+    pub size: Size,
+    /// Container.
+    #[serde(default = "default_container")]
+    pub container: String,
+    /// Index of the device holding it.
+    #[serde(default)]
+    pub device: usize,
+}
+
+fn default_container() -> String {
+    "default".to_string()
+}
+
+/// A node's configuration.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// Frontend listen address.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// NBD port.
+    #[serde(default = "default_nbd_port")]
+    pub nbd_port: u16,
+    /// Data-plane executors (0: one per online CPU).
+    #[serde(default)]
+    pub cores: usize,
+    /// Unified read cache of the node (each core holds its share).
+    #[serde(default = "default_cache")]
+    pub cache_size: Size,
+    /// Oplog cap per vdisk.
+    #[serde(default = "default_oplog_cap")]
+    pub oplog_cap: Size,
+    /// Devices.
+    #[serde(default, rename = "device")]
+    pub devices: Vec<DeviceConfig>,
+    /// Vdisks.
+    #[serde(default, rename = "vdisk")]
+    pub vdisks: Vec<VdiskEntry>,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1".to_string()
+}
+fn default_nbd_port() -> u16 {
+    DEFAULT_NBD_PORT
+}
+fn default_cache() -> Size {
+    Size(DEFAULT_CACHE_BYTES)
+}
+fn default_oplog_cap() -> Size {
+    Size(dataplane::vdisk::DEFAULT_OPLOG_CAP_BYTES)
+}
+
+impl NodeConfig {
+    /// The embedded default: one file-backed device and a thin 4 GiB vdisk `vd0`.
+    pub fn embedded_default() -> Self {
+        Self {
+            listen: default_listen(),
+            nbd_port: DEFAULT_NBD_PORT,
+            cores: 0,
+            cache_size: default_cache(),
+            oplog_cap: default_oplog_cap(),
+            devices: vec![DeviceConfig {
+                path: PathBuf::from("dev0.img"),
+                size: Some(Size(DEFAULT_DEVICE_BYTES)),
+                tier: Tier::Ssd,
+            }],
+            vdisks: vec![VdiskEntry {
+                name: "vd0".to_string(),
+                id: 1,
+                size: Size(DEFAULT_VDISK_BYTES),
+                container: default_container(),
+                device: 0,
+            }],
+        }
+    }
+
+    /// Parses `text` (from `file`), then validates.
+    pub fn parse(text: &str, file: &Path) -> Result<Self> {
+        let cfg: NodeConfig = toml::from_str(text).map_err(|e| {
+            anyhow::anyhow!("{}: {}", file.display(), e.to_string().trim_end())
+        })?;
+        cfg.validate().with_context(|| format!("{}", file.display()))?;
+        Ok(cfg)
+    }
+
+    /// Reads and parses `file`.
+    pub fn load(file: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        Self::parse(&text, file)
+    }
+
+    /// Checks values that the types cannot.
+    pub fn validate(&self) -> Result<()> {
+        if self.devices.is_empty() {
+            bail!("key `device`: at least one device is needed");
+        }
+        let mut names = std::collections::HashSet::new();
+        let mut ids = std::collections::HashSet::new();
+        for (i, v) in self.vdisks.iter().enumerate() {
+            let key = format!("vdisk[{i}]");
+            if v.name.is_empty() || v.name.len() > 200 || !v.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+                bail!("key `{key}.name`: '{}' must be 1 to 200 characters of letters, digits, '-', '_' or '.'", v.name);
+            }
+            if !names.insert(v.name.clone()) {
+                bail!("key `{key}.name`: duplicate vdisk name '{}'", v.name);
+            }
+            if v.id == 0 || v.id >= 1 << 30 {
+                bail!("key `{key}.id`: {} is outside 1..2^30", v.id);
+            }
+            if !ids.insert(v.id) {
+                bail!("key `{key}.id`: duplicate vdisk id {}", v.id);
+            }
+            if v.size.0 == 0 || v.size.0 % 4096 != 0 {
+                bail!("key `{key}.size`: {} bytes is not a non-zero multiple of 4 KiB", v.size.0);
+            }
+            if v.device >= self.devices.len() {
+                bail!("key `{key}.device`: device {} does not exist ({} configured)", v.device, self.devices.len());
+            }
+        }
+        if self.cache_size.0 < 4096 * 16 {
+            bail!("key `cache_size`: {} bytes is below the 64 KiB minimum", self.cache_size.0);
+        }
+        if self.oplog_cap.0 < 8 << 20 {
+            bail!("key `oplog_cap`: {} bytes is below the 8 MiB minimum", self.oplog_cap.0);
+        }
+        Ok(())
+    }
+
+    /// The configuration as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a node config always serializes")
+    }
+
+    /// `path` resolved against the data directory.
+    pub fn resolve(data_dir: &Path, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            data_dir.join(path)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<NodeConfig> {
+        NodeConfig::parse(text, Path::new("test.toml"))
+    }
+
+    #[test]
+    fn embedded_default_round_trips() {
+        let d = NodeConfig::embedded_default();
+        assert_eq!(parse(&d.to_toml()).unwrap(), d);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_file_key_and_reason() {
+        let base = NodeConfig::embedded_default().to_toml();
+        let e = parse(&format!("bogus = 1\n{base}")).unwrap_err().to_string();
+        assert!(e.contains("test.toml") && e.contains("bogus"), "{e}");
+        let e = parse(&base.replace("size = \"4GiB\"", "size = \"4XB\"")).unwrap_err().to_string();
+        assert!(e.contains("unknown unit"), "{e}");
+        let e = format!("{:#}", parse(&base.replace("id = 1", "id = 0")).unwrap_err());
+        assert!(e.contains("vdisk[0].id") && e.contains("test.toml"), "{e}");
+        let e = parse(&base.replace("tier = \"ssd\"", "tier = \"tape\"")).unwrap_err().to_string();
+        assert!(e.contains("unknown tier 'tape'"), "{e}");
+        let e = format!("{:#}", parse(&base.replace("size = \"4GiB\"", "size = 1000")).unwrap_err());
+        assert!(e.contains("multiple of 4 KiB"), "{e}");
+    }
+}
