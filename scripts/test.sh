@@ -22,3 +22,6 @@ cargo check $jobs -p blockstore --features spdk --all-targets
 
 step "tests (crash suite: ${CAIRN_CRASH_SEEDS:-1000} seeds)"
 cargo test $jobs --workspace
+
+step "fuzz smoke: every cargo-fuzz target for ${FUZZ_SECONDS:-20} s"
+bash scripts/fuzz-smoke.sh

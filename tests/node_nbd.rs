@@ -179,7 +179,14 @@ fn qemu_img_round_trips_256_mib() {
         data.len(),
         node.port
     );
-    ok(&["convert", "--image-opts", &opts, "-O", "raw", back.to_str().unwrap()]);
+    ok(&[
+        "convert",
+        "--image-opts",
+        &opts,
+        "-O",
+        "raw",
+        back.to_str().unwrap(),
+    ]);
     let got = std::fs::read(&back).unwrap();
     assert_eq!(got.len(), data.len());
     assert!(got == data, "the image read back differs");
@@ -191,7 +198,14 @@ fn qemu_img_round_trips_256_mib() {
         node.port
     );
     let tail_file = dir.path().join("tail.img");
-    ok(&["convert", "--image-opts", &tail, "-O", "raw", tail_file.to_str().unwrap()]);
+    ok(&[
+        "convert",
+        "--image-opts",
+        &tail,
+        "-O",
+        "raw",
+        tail_file.to_str().unwrap(),
+    ]);
     assert!(std::fs::read(&tail_file).unwrap().iter().all(|&b| b == 0));
     node.stop();
 }
@@ -215,6 +229,7 @@ fn fio_random_write_verify_passes() {
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            "--verify_state_save=0",
         ])
         .output()
         .unwrap();

@@ -6,7 +6,7 @@
 //! owner core, which runs it and sends the reply back on the paired channel. No lock is taken on
 //! the I/O path and idle channels cost nothing (the receiving executor sleeps).
 //!
-//! [`Mesh::new`] builds one request and one reply channel for every ordered pair of cores before
+//! [`Mesh::links`] builds one request and one reply channel for every ordered pair of cores before
 //! the executors start; each executor takes its [`CoreLinks`] and connects them.
 
 use std::cell::{Cell, RefCell};
@@ -88,7 +88,7 @@ pub struct Mesh;
 
 impl Mesh {
     /// One [`CoreLinks`] per core, to be moved into its executor.
-    pub fn new(cores: usize) -> Vec<CoreLinks> {
+    pub fn links(cores: usize) -> Vec<CoreLinks> {
         let mut links: Vec<CoreLinks> = (0..cores)
             .map(|core| CoreLinks {
                 core,
@@ -157,7 +157,9 @@ pub async fn run_local<T: BlockTarget>(target: &T, op: Op) -> Result<Vec<u8>, Ta
             let mut out = vec![0u8; len as usize];
             target.read(offset, &mut out).await.map(|()| out)
         }
-        Op::Write { offset, data, fua } => target.write(offset, &data, fua).await.map(|()| Vec::new()),
+        Op::Write { offset, data, fua } => {
+            target.write(offset, &data, fua).await.map(|()| Vec::new())
+        }
         Op::Flush => target.flush().await.map(|()| Vec::new()),
         Op::Trim { offset, len } => target.trim(offset, len).await.map(|()| Vec::new()),
         Op::WriteZeroes { offset, len, fua } => target
@@ -197,14 +199,18 @@ impl CoreLinks {
             .outgoing
             .into_iter()
             .map(|(to, req_tx, rep_rx)| {
-                glommio::spawn_local(async move { (to, req_tx.connect().await, rep_rx.connect().await) })
+                glommio::spawn_local(
+                    async move { (to, req_tx.connect().await, rep_rx.connect().await) },
+                )
             })
             .collect();
         let incoming: Vec<_> = self
             .incoming
             .into_iter()
             .map(|(from, req_rx, rep_tx)| {
-                glommio::spawn_local(async move { (from, req_rx.connect().await, rep_tx.connect().await) })
+                glommio::spawn_local(async move {
+                    (from, req_rx.connect().await, rep_tx.connect().await)
+                })
             })
             .collect();
         let mut peers = HashMap::new();
@@ -242,7 +248,10 @@ impl CoreLinks {
                         let result = match lookup(env.vdisk) {
                             Some(t) => run_local(&*t, env.op).await,
                             None => Err(TargetError::Unavailable {
-                                reason: format!("vdisk {} is not owned by core {from}'s peer", env.vdisk),
+                                reason: format!(
+                                    "vdisk {} is not owned by core {from}'s peer",
+                                    env.vdisk
+                                ),
                             }),
                         };
                         let _ = replies.send(Reply { id: env.id, result }).await;

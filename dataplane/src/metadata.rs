@@ -243,7 +243,10 @@ mod tests {
                 ])
                 .await
                 .unwrap_err();
-            assert!(matches!(err, MetaError::Conflict { found: Some(v), .. } if v == v1), "{err}");
+            assert!(
+                matches!(err, MetaError::Conflict { found: Some(v), .. } if v == v1),
+                "{err}"
+            );
             assert!(s.get(b"v/1/b").await.unwrap().is_none(), "nothing applied");
             s.apply(vec![MetaOp::Delete {
                 key: b"v/1/a".to_vec(),

@@ -76,8 +76,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SharedStream<S> {
     /// Writes all of `buf`.
     pub(super) async fn write_all(&self, mut buf: &[u8]) -> io::Result<()> {
         while !buf.is_empty() {
-            let n = poll_fn(|cx| Pin::new(&mut *self.inner.borrow_mut()).poll_write(cx, buf))
-                .await?;
+            let n =
+                poll_fn(|cx| Pin::new(&mut *self.inner.borrow_mut()).poll_write(cx, buf)).await?;
             if n == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
             }
@@ -176,10 +176,16 @@ impl<T> LocalQueue<T> {
             return false;
         }
         let mut items = self.items.borrow_mut();
-        let extra = items.len().checked_sub(1).expect("count says one is queued");
+        let extra = items
+            .len()
+            .checked_sub(1)
+            .expect("count says one is queued");
         if extra > 0 {
             let taken = self.ready.try_acquire(extra as u64);
-            assert!(matches!(taken, Ok(true)), "queue count and items out of step");
+            assert!(
+                matches!(taken, Ok(true)),
+                "queue count and items out of step"
+            );
         }
         out.extend(items.drain(..));
         true
@@ -238,7 +244,10 @@ impl BufPool {
     /// A buffer of `len` bytes (contents unspecified), once the budget allows it.
     pub(super) async fn get(&self, len: usize) -> IoBuf {
         let units = len as u64;
-        assert!(units <= self.budget_bytes, "request larger than the pool budget");
+        assert!(
+            units <= self.budget_bytes,
+            "request larger than the pool budget"
+        );
         self.budget
             .acquire(units)
             .await

@@ -764,11 +764,9 @@ impl Request {
         let fua = self.flags & CMD_FLAG_FUA != 0;
         let allowed = match self.command {
             Command::WriteZeroes => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
-            Command::Read
-            | Command::Write
-            | Command::Disc
-            | Command::Flush
-            | Command::Trim => CMD_FLAG_FUA,
+            Command::Read | Command::Write | Command::Disc | Command::Flush | Command::Trim => {
+                CMD_FLAG_FUA
+            }
             Command::Cache | Command::BlockStatus | Command::Resize | Command::Unknown(_) => {
                 return Err(Errno::Inval);
             }
@@ -1228,7 +1226,10 @@ mod tests {
             Err(Errno::NoSpc)
         );
         // READ/WRITE payload over the maximum.
-        assert_eq!(request(Command::Read, 0, 0, 32 * MIB + 512).check(&g), inval);
+        assert_eq!(
+            request(Command::Read, 0, 0, 32 * MIB + 512).check(&g),
+            inval
+        );
         assert_eq!(request(Command::Write, 0, 0, 64 * MIB).check(&g), inval);
         // Unknown or unadvertised commands and flags.
         assert_eq!(request(Command::Unknown(99), 0, 0, 0).check(&g), inval);

@@ -271,7 +271,9 @@ pub async fn handle_connection_until<E: Exports + 'static>(
     shutdown: Shutdown,
 ) -> Result<(), NbdError> {
     // Replies are coalesced by the writer, so Nagle would only add latency.
-    stream.set_nodelay(true).map_err(|e| NbdError::Socket(e.into()))?;
+    stream
+        .set_nodelay(true)
+        .map_err(|e| NbdError::Socket(e.into()))?;
     serve_stream(stream.buffered(), exports, shutdown).await
 }
 

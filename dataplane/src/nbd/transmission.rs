@@ -42,8 +42,8 @@ use std::rc::Rc;
 
 use futures_lite::future;
 use futures_lite::io::{AsyncRead, AsyncWrite};
-use glommio::sync::Semaphore;
 use glommio::Task;
+use glommio::sync::Semaphore;
 
 use super::io::{BufPool, IoBuf, LocalQueue, SharedStream, Signal};
 use super::proto::{self, Command, Errno, ExportGeometry, Op, Request};
@@ -78,11 +78,27 @@ struct Job {
 }
 
 enum JobOp {
-    Read { offset: u64, buf: IoBuf },
-    Write { offset: u64, buf: IoBuf, fua: bool },
+    Read {
+        offset: u64,
+        buf: IoBuf,
+    },
+    Write {
+        offset: u64,
+        buf: IoBuf,
+        fua: bool,
+    },
     Flush,
-    Trim { offset: u64, len: u32, fua: bool },
-    WriteZeroes { offset: u64, len: u32, fua: bool, no_hole: bool },
+    Trim {
+        offset: u64,
+        len: u32,
+        fua: bool,
+    },
+    WriteZeroes {
+        offset: u64,
+        len: u32,
+        fua: bool,
+        no_hole: bool,
+    },
 }
 
 struct Reply {
@@ -214,13 +230,25 @@ where
         if request.command == Command::Disc {
             return Ok(());
         }
-        conn.slots
-            .acquire(1)
-            .await
-            .expect("slots are never closed");
-        if let Err(error) = accept(conn, &request, &mut scratch).await {
-            conn.slots.signal(1);
-            return Err(error);
+        conn.slots.acquire(1).await.expect("slots are never closed");
+        // Waiting for buffer budget or for a WRITE payload from a stalled client must not hold
+        // up shutdown. Abandoning `accept` is safe: it queues nothing before its last step, and
+        // a buffer it drops only leaks budget of a pool about to be dropped.
+        let accepted = async { Some(accept(conn, &request, &mut scratch).await) };
+        let stop = async {
+            future::or(shutdown.wait(), conn.broken.wait()).await;
+            None
+        };
+        match future::or(accepted, stop).await {
+            Some(Ok(())) => {}
+            Some(Err(error)) => {
+                conn.slots.signal(1);
+                return Err(error);
+            }
+            None => {
+                conn.slots.signal(1);
+                return Ok(());
+            }
         }
         if conn.jobs.len() > conn.idle_workers.get() && workers.len() < MAX_IN_FLIGHT {
             workers.push(glommio::spawn_local(work(conn.clone())));

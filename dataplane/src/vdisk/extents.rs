@@ -98,7 +98,8 @@ pub fn encode_seq(seq: u64) -> Vec<u8> {
 
 /// Decodes the drained watermark.
 pub fn decode_seq(v: &[u8]) -> Option<u64> {
-    (v.len() == 9 && v[0] == VALUE_VERSION).then(|| u64::from_le_bytes(v[1..9].try_into().expect("8")))
+    (v.len() == 9 && v[0] == VALUE_VERSION)
+        .then(|| u64::from_le_bytes(v[1..9].try_into().expect("8")))
 }
 
 /// Extent store ids are `vdisk << 24 | n`, without the oplog bit.
@@ -127,11 +128,18 @@ pub struct ExtentStore<D: BlockDevice, M: MetadataStore> {
 impl<D: BlockDevice, M: MetadataStore> ExtentStore<D, M> {
     /// Loads the block map of `vdisk` and frees extent groups it does not reference (left by
     /// a crash between writing data and committing its mapping).
-    pub async fn load(store: Rc<BlockStore<D>>, meta: Rc<M>, vdisk: u64) -> Result<Self, ExtentError> {
+    pub async fn load(
+        store: Rc<BlockStore<D>>,
+        meta: Rc<M>,
+        vdisk: u64,
+    ) -> Result<Self, ExtentError> {
         let layout = *store.layout();
         assert_eq!(layout.slice_bytes as usize, BLOCK_BYTES);
         let per = (u64::from(layout.egroup_bytes) / (EXTENT_BLOCKS * BLOCK_BYTES as u64)) as u8;
-        assert!(per >= 1, "extent groups must hold at least one 1 MiB extent");
+        assert!(
+            per >= 1,
+            "extent groups must hold at least one 1 MiB extent"
+        );
         let mut prefix = vdisk_prefix(vdisk);
         prefix.extend_from_slice(b"x/");
         let rows = meta
@@ -165,7 +173,9 @@ impl<D: BlockDevice, M: MetadataStore> ExtentStore<D, M> {
         let mut freed = 0;
         for e in store.egroups() {
             if is_mine(vdisk, e.egid) && !used.contains_key(&e.egid) {
-                store.free(e.egid).map_err(|source| ExtentError::Store { vdisk, source })?;
+                store
+                    .free(e.egid)
+                    .map_err(|source| ExtentError::Store { vdisk, source })?;
                 freed += 1;
             }
         }
@@ -180,7 +190,10 @@ impl<D: BlockDevice, M: MetadataStore> ExtentStore<D, M> {
             .next_back()
             .filter(|(_, next)| **next < per)
             .map(|(&egid, &next)| (egid, next));
-        let next_n = used.keys().next_back().map_or(0, |e| (e & 0x00FF_FFFF) as u32 + 1);
+        let next_n = used
+            .keys()
+            .next_back()
+            .map_or(0, |e| (e & 0x00FF_FFFF) as u32 + 1);
         Ok(Self {
             store,
             meta,
@@ -280,7 +293,12 @@ impl<D: BlockDevice, M: MetadataStore> ExtentStore<D, M> {
     }
 
     /// Writes blocks `vblock..` (within one mapped extent) from `buf`.
-    pub async fn write(&self, loc: ExtentLoc, vblock: u64, buf: &DmaBuf) -> Result<(), ExtentError> {
+    pub async fn write(
+        &self,
+        loc: ExtentLoc,
+        vblock: u64,
+        buf: &DmaBuf,
+    ) -> Result<(), ExtentError> {
         self.store
             .write_slices(loc.egid, Self::first_slice(loc, vblock), buf)
             .await
@@ -306,10 +324,13 @@ impl<D: BlockDevice, M: MetadataStore> ExtentStore<D, M> {
 
     /// Makes written data durable (block store flush).
     pub async fn flush(&self) -> Result<(), ExtentError> {
-        self.store.flush().await.map_err(|source| ExtentError::Store {
-            vdisk: self.vdisk,
-            source,
-        })
+        self.store
+            .flush()
+            .await
+            .map_err(|source| ExtentError::Store {
+                vdisk: self.vdisk,
+                source,
+            })
     }
 
     /// Commits metadata operations (new mappings, the drained watermark).

@@ -149,7 +149,7 @@ impl<D: BlockDevice, M: MetadataStore> Vdisk<D, M> {
         cache: Rc<RefCell<ReadCache>>,
         cfg: VdiskConfig,
     ) -> Result<Rc<Self>, OpenError> {
-        if cfg.size_bytes == 0 || cfg.size_bytes % BLOCK_BYTES as u64 != 0 {
+        if cfg.size_bytes == 0 || !cfg.size_bytes.is_multiple_of(BLOCK_BYTES as u64) {
             return Err(OpenError::Config {
                 name: cfg.name,
                 reason: "size must be a non-zero multiple of 4 KiB",
@@ -220,7 +220,9 @@ impl<D: BlockDevice, M: MetadataStore> Vdisk<D, M> {
 
     fn invalidate(&self, vblock: u64, blocks: u64) {
         self.write_gen.set(self.write_gen.get() + 1);
-        self.cache.borrow_mut().invalidate(self.cfg.id, vblock, blocks);
+        self.cache
+            .borrow_mut()
+            .invalidate(self.cfg.id, vblock, blocks);
     }
 
     /// Reads whole blocks `vblock..` into `out` (a multiple of 4 KiB).
@@ -265,7 +267,8 @@ impl<D: BlockDevice, M: MetadataStore> Vdisk<D, M> {
                 continue;
             }
             if let Some(data) = self.cache.borrow_mut().get(self.cfg.id, vb) {
-                out[(i as usize) * BLOCK_BYTES..(i as usize + 1) * BLOCK_BYTES].copy_from_slice(data);
+                out[(i as usize) * BLOCK_BYTES..(i as usize + 1) * BLOCK_BYTES]
+                    .copy_from_slice(data);
                 self.bump(|s| s.read_cache_blocks += 1);
                 i += 1;
                 continue;
@@ -290,7 +293,11 @@ impl<D: BlockDevice, M: MetadataStore> Vdisk<D, M> {
             if self.write_gen.get() == gen_before {
                 let mut cache = self.cache.borrow_mut();
                 for j in 0..n as usize {
-                    cache.insert(self.cfg.id, vb + j as u64, &buf[j * BLOCK_BYTES..(j + 1) * BLOCK_BYTES]);
+                    cache.insert(
+                        self.cfg.id,
+                        vb + j as u64,
+                        &buf[j * BLOCK_BYTES..(j + 1) * BLOCK_BYTES],
+                    );
                 }
             }
             self.bump(|s| s.read_extent_blocks += n);
@@ -493,7 +500,7 @@ impl<D: BlockDevice, M: MetadataStore> BlockTarget for Vdisk<D, M> {
             return Ok(());
         }
         let bb = BLOCK_BYTES as u64;
-        if offset % bb == 0 && out.len() % BLOCK_BYTES == 0 {
+        if offset.is_multiple_of(bb) && out.len().is_multiple_of(BLOCK_BYTES) {
             return self.read_blocks(offset / bb, out).await;
         }
         let first = offset / bb;
@@ -511,7 +518,7 @@ impl<D: BlockDevice, M: MetadataStore> BlockTarget for Vdisk<D, M> {
             return Ok(());
         }
         let bb = BLOCK_BYTES as u64;
-        if offset % bb == 0 && data.len() % BLOCK_BYTES == 0 {
+        if offset.is_multiple_of(bb) && data.len().is_multiple_of(BLOCK_BYTES) {
             return self.write_blocks(offset / bb, data).await;
         }
         // Read-modify-write of the covering blocks, serialized so two partial writes of one
@@ -549,12 +556,12 @@ impl<D: BlockDevice, M: MetadataStore> BlockTarget for Vdisk<D, M> {
             let zeros = vec![0u8; len as usize];
             return self.write(offset, &zeros, false).await;
         }
-        if offset % bb != 0 {
+        if !offset.is_multiple_of(bb) {
             let head = vec![0u8; (first_full * bb - offset) as usize];
             self.write(offset, &head, false).await?;
         }
         self.zero_blocks(first_full, last_full - first_full).await?;
-        if end % bb != 0 {
+        if !end.is_multiple_of(bb) {
             let tail = vec![0u8; (end - last_full * bb) as usize];
             self.write(last_full * bb, &tail, false).await?;
         }

@@ -193,7 +193,11 @@ struct Header {
 }
 
 fn decode_header(b: &[u8], vdisk: u64, uuid: u128) -> Option<Header> {
-    if b[0..8] != MAGIC || rd_u32(b, 8) != VERSION || rd_u64(b, 16) != vdisk || rd_u128(b, 40) != uuid {
+    if b[0..8] != MAGIC
+        || rd_u32(b, 8) != VERSION
+        || rd_u64(b, 16) != vdisk
+        || rd_u128(b, 40) != uuid
+    {
         return None;
     }
     if rd_u32(b, 4092) != crc32c::crc32c(&b[..4092]) {
@@ -244,7 +248,10 @@ impl<D: BlockDevice> Oplog<D> {
     ) -> Result<Self, OplogError> {
         let err = |source| OplogError::Store { vdisk, source };
         let layout = *store.layout();
-        assert_eq!(layout.slice_bytes as usize, BLOCK_BYTES, "oplog needs 4 KiB slices");
+        assert_eq!(
+            layout.slice_bytes as usize, BLOCK_BYTES,
+            "oplog needs 4 KiB slices"
+        );
         let slices_per_egroup = layout.slices_per_egroup();
         let mut mine: Vec<ExtentGroupId> = store
             .egroups()
@@ -279,7 +286,9 @@ impl<D: BlockDevice> Oplog<D> {
                 let Some(h) = decode_header(&header, vdisk, uuid) else {
                     break;
                 };
-                if expected.is_some_and(|e| h.seq != e) || slice + 1 + h.data_slices > slices_per_egroup {
+                if expected.is_some_and(|e| h.seq != e)
+                    || slice + 1 + h.data_slices > slices_per_egroup
+                {
                     break;
                 }
                 // Verify the batch's data before believing it.
@@ -415,7 +424,12 @@ impl<D: BlockDevice> Oplog<D> {
     }
 
     /// Reads `blocks` consecutive oplog slices starting at `loc` into `buf`.
-    pub async fn read(&self, egid: ExtentGroupId, slice: u32, buf: &mut DmaBuf) -> Result<(), OplogError> {
+    pub async fn read(
+        &self,
+        egid: ExtentGroupId,
+        slice: u32,
+        buf: &mut DmaBuf,
+    ) -> Result<(), OplogError> {
         self.store
             .read_slices(egid, slice, buf)
             .await
@@ -427,7 +441,12 @@ impl<D: BlockDevice> Oplog<D> {
 
     /// Appends a write of whole blocks (`data` is `blocks * 4 KiB`, or `None` for zeroes) and
     /// returns once it is durable.
-    pub async fn append(&self, vblock: u64, blocks: u32, data: Option<&[u8]>) -> Result<(), OplogError> {
+    pub async fn append(
+        &self,
+        vblock: u64,
+        blocks: u32,
+        data: Option<&[u8]>,
+    ) -> Result<(), OplogError> {
         assert!(blocks > 0);
         if let Some(d) = data {
             assert_eq!(d.len(), blocks as usize * BLOCK_BYTES);
@@ -444,7 +463,8 @@ impl<D: BlockDevice> Oplog<D> {
         let mut last_ticket = 0;
         while done < blocks {
             let n = (blocks - done).min(MAX_ENTRY_BLOCKS);
-            let part = data.map(|d| &d[done as usize * BLOCK_BYTES..(done + n) as usize * BLOCK_BYTES]);
+            let part =
+                data.map(|d| &d[done as usize * BLOCK_BYTES..(done + n) as usize * BLOCK_BYTES]);
             last_ticket = self.enqueue(vblock + u64::from(done), n, part).await?;
             done += n;
         }
@@ -452,7 +472,12 @@ impl<D: BlockDevice> Oplog<D> {
     }
 
     /// Copies one entry into the batch being filled (committing first when it is full).
-    async fn enqueue(&self, vblock: u64, blocks: u32, data: Option<&[u8]>) -> Result<u64, OplogError> {
+    async fn enqueue(
+        &self,
+        vblock: u64,
+        blocks: u32,
+        data: Option<&[u8]>,
+    ) -> Result<u64, OplogError> {
         loop {
             {
                 let mut st = self.state.borrow_mut();
@@ -461,7 +486,9 @@ impl<D: BlockDevice> Oplog<D> {
                 }
                 let need = if data.is_some() { blocks } else { 0 };
                 let f = &mut st.filling;
-                if f.entries.len() < MAX_BATCH_ENTRIES && f.data_blocks + need <= MAX_BATCH_DATA_BLOCKS {
+                if f.entries.len() < MAX_BATCH_ENTRIES
+                    && f.data_blocks + need <= MAX_BATCH_DATA_BLOCKS
+                {
                     let crc = match data {
                         Some(d) => {
                             let off = (1 + f.data_blocks as usize) * BLOCK_BYTES;
@@ -575,7 +602,10 @@ impl<D: BlockDevice> Oplog<D> {
             if need_new {
                 let egid = self.allocate_egroup().await?;
                 let mut st = self.state.borrow_mut();
-                st.egroups.push_back(OplogEgroup { egid, last_seq: seq });
+                st.egroups.push_back(OplogEgroup {
+                    egid,
+                    last_seq: seq,
+                });
                 st.next_slice = 0;
             }
             let mut st = self.state.borrow_mut();
@@ -646,10 +676,13 @@ impl<D: BlockDevice> Oplog<D> {
                         return Err(OplogError::NoSpace { vdisk: self.vdisk });
                     }
                     if pending_free > 0 {
-                        self.store.flush().await.map_err(|source| OplogError::Store {
-                            vdisk: self.vdisk,
-                            source,
-                        })?;
+                        self.store
+                            .flush()
+                            .await
+                            .map_err(|source| OplogError::Store {
+                                vdisk: self.vdisk,
+                                source,
+                            })?;
                         continue;
                     }
                     let listener = self.drained.listen();
@@ -710,10 +743,12 @@ impl<D: BlockDevice> Oplog<D> {
         let mut freed = 0;
         while st.egroups.len() > 1 && st.egroups.front().is_some_and(|g| g.last_seq <= seq) {
             let g = st.egroups.pop_front().expect("front");
-            self.store.free(g.egid).map_err(|source| OplogError::Store {
-                vdisk: self.vdisk,
-                source,
-            })?;
+            self.store
+                .free(g.egid)
+                .map_err(|source| OplogError::Store {
+                    vdisk: self.vdisk,
+                    source,
+                })?;
             freed += 1;
         }
         drop(st);

@@ -40,9 +40,14 @@ fn cache() -> Rc<RefCell<ReadCache>> {
     Rc::new(RefCell::new(ReadCache::new(1 << 20)))
 }
 
-async fn open<D: BlockDevice>(dev: D, meta: Rc<MemMetadataStore>) -> Rc<Vdisk<D, MemMetadataStore>> {
+async fn open<D: BlockDevice>(
+    dev: D,
+    meta: Rc<MemMetadataStore>,
+) -> Rc<Vdisk<D, MemMetadataStore>> {
     let store = Rc::new(BlockStore::open(dev).await.expect("open store"));
-    Vdisk::open(store, meta, cache(), cfg()).await.expect("open vdisk")
+    Vdisk::open(store, meta, cache(), cfg())
+        .await
+        .expect("open vdisk")
 }
 
 fn fill(rng: &mut ChaCha8Rng, len: usize) -> Vec<u8> {
@@ -89,13 +94,20 @@ fn random_io_matches_model_with_drains() {
                 let off = rng.random_range(0..DISK - len);
                 let mut out = vec![0u8; len as usize];
                 vd.read(off, &mut out).await.unwrap();
-                assert!(out == model[off as usize..(off + len) as usize], "step {step}: read {off}+{len}");
+                assert!(
+                    out == model[off as usize..(off + len) as usize],
+                    "step {step}: read {off}+{len}"
+                );
             } else {
                 vd.drain_once().await.unwrap();
             }
         }
         vd.drain_all().await.unwrap();
-        assert!(vd.stats().drained_blocks > 0 && vd.stats().read_extent_blocks > 0, "{:?}", vd.stats());
+        assert!(
+            vd.stats().drained_blocks > 0 && vd.stats().read_extent_blocks > 0,
+            "{:?}",
+            vd.stats()
+        );
         let mut all = vec![0u8; DISK as usize];
         vd.read(0, &mut all).await.unwrap();
         assert!(all == model, "after draining everything");
@@ -112,7 +124,9 @@ fn random_io_matches_model_with_drains() {
 fn sequential_writes_bypass_the_oplog() {
     block_on(async {
         let dev = Rc::new(MemDevice::new("vd", 64 << 20, 4096));
-        BlockStore::format(dev.clone(), &format_opts()).await.unwrap();
+        BlockStore::format(dev.clone(), &format_opts())
+            .await
+            .unwrap();
         let meta = Rc::new(MemMetadataStore::new());
         let vd = open(dev.clone(), meta.clone()).await;
         // A 2 MiB write alone puts 2 MiB outstanding (> 1.5 MiB): sequential. A small one
@@ -218,7 +232,10 @@ async fn crash_seed(seed: u64) {
             let mut got = vec![0u8; 4096];
             vd.read(vb * 4096, &mut got).await.unwrap();
             let old = acked.get(vb).cloned().unwrap_or_else(|| vec![0u8; 4096]);
-            assert!(got == old || got == *c, "seed {seed} round {round}: block {vb} holds garbage");
+            assert!(
+                got == old || got == *c,
+                "seed {seed} round {round}: block {vb} holds garbage"
+            );
             acked.insert(*vb, got);
         }
         drop(vd);
