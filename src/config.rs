@@ -63,9 +63,9 @@ impl<'de> Deserialize<'de> for Size {
 impl Serialize for Size {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let b = self.0;
-        let text = if b % (1 << 30) == 0 {
+        let text = if b.is_multiple_of(1 << 30) {
             format!("{}GiB", b >> 30)
-        } else if b % (1 << 20) == 0 {
+        } else if b.is_multiple_of(1 << 20) {
             format!("{}MiB", b >> 20)
         } else {
             b.to_string()
@@ -96,7 +96,11 @@ pub struct DeviceConfig {
     /// Size of a file to create when missing.
     pub size: Option<Size>,
     /// Tier.
-    #[serde(default = "default_tier", deserialize_with = "tier_de", serialize_with = "tier_ser")]
+    #[serde(
+        default = "default_tier",
+        deserialize_with = "tier_de",
+        serialize_with = "tier_ser"
+    )]
     pub tier: Tier,
 }
 
@@ -188,16 +192,17 @@ impl NodeConfig {
 
     /// Parses `text` (from `file`), then validates.
     pub fn parse(text: &str, file: &Path) -> Result<Self> {
-        let cfg: NodeConfig = toml::from_str(text).map_err(|e| {
-            anyhow::anyhow!("{}: {}", file.display(), e.to_string().trim_end())
-        })?;
-        cfg.validate().with_context(|| format!("{}", file.display()))?;
+        let cfg: NodeConfig = toml::from_str(text)
+            .map_err(|e| anyhow::anyhow!("{}: {}", file.display(), e.to_string().trim_end()))?;
+        cfg.validate()
+            .with_context(|| format!("{}", file.display()))?;
         Ok(cfg)
     }
 
     /// Reads and parses `file`.
     pub fn load(file: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+        let text =
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
         Self::parse(&text, file)
     }
 
@@ -210,8 +215,17 @@ impl NodeConfig {
         let mut ids = std::collections::HashSet::new();
         for (i, v) in self.vdisks.iter().enumerate() {
             let key = format!("vdisk[{i}]");
-            if v.name.is_empty() || v.name.len() > 200 || !v.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-                bail!("key `{key}.name`: '{}' must be 1 to 200 characters of letters, digits, '-', '_' or '.'", v.name);
+            if v.name.is_empty()
+                || v.name.len() > 200
+                || !v
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                bail!(
+                    "key `{key}.name`: '{}' must be 1 to 200 characters of letters, digits, '-', '_' or '.'",
+                    v.name
+                );
             }
             if !names.insert(v.name.clone()) {
                 bail!("key `{key}.name`: duplicate vdisk name '{}'", v.name);
@@ -223,17 +237,30 @@ impl NodeConfig {
                 bail!("key `{key}.id`: duplicate vdisk id {}", v.id);
             }
             if v.size.0 == 0 || v.size.0 % 4096 != 0 {
-                bail!("key `{key}.size`: {} bytes is not a non-zero multiple of 4 KiB", v.size.0);
+                bail!(
+                    "key `{key}.size`: {} bytes is not a non-zero multiple of 4 KiB",
+                    v.size.0
+                );
             }
             if v.device >= self.devices.len() {
-                bail!("key `{key}.device`: device {} does not exist ({} configured)", v.device, self.devices.len());
+                bail!(
+                    "key `{key}.device`: device {} does not exist ({} configured)",
+                    v.device,
+                    self.devices.len()
+                );
             }
         }
         if self.cache_size.0 < 4096 * 16 {
-            bail!("key `cache_size`: {} bytes is below the 64 KiB minimum", self.cache_size.0);
+            bail!(
+                "key `cache_size`: {} bytes is below the 64 KiB minimum",
+                self.cache_size.0
+            );
         }
         if self.oplog_cap.0 < 8 << 20 {
-            bail!("key `oplog_cap`: {} bytes is below the 8 MiB minimum", self.oplog_cap.0);
+            bail!(
+                "key `oplog_cap`: {} bytes is below the 8 MiB minimum",
+                self.oplog_cap.0
+            );
         }
         Ok(())
     }
@@ -270,15 +297,27 @@ mod tests {
     #[test]
     fn unknown_keys_and_bad_values_name_file_key_and_reason() {
         let base = NodeConfig::embedded_default().to_toml();
-        let e = parse(&format!("bogus = 1\n{base}")).unwrap_err().to_string();
+        let e = parse(&format!("bogus = 1\n{base}"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("test.toml") && e.contains("bogus"), "{e}");
-        let e = parse(&base.replace("size = \"4GiB\"", "size = \"4XB\"")).unwrap_err().to_string();
+        let e = parse(&base.replace("size = \"4GiB\"", "size = \"4XB\""))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unknown unit"), "{e}");
-        let e = format!("{:#}", parse(&base.replace("id = 1", "id = 0")).unwrap_err());
+        let e = format!(
+            "{:#}",
+            parse(&base.replace("id = 1", "id = 0")).unwrap_err()
+        );
         assert!(e.contains("vdisk[0].id") && e.contains("test.toml"), "{e}");
-        let e = parse(&base.replace("tier = \"ssd\"", "tier = \"tape\"")).unwrap_err().to_string();
+        let e = parse(&base.replace("tier = \"ssd\"", "tier = \"tape\""))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unknown tier 'tape'"), "{e}");
-        let e = format!("{:#}", parse(&base.replace("size = \"4GiB\"", "size = 1000")).unwrap_err());
+        let e = format!(
+            "{:#}",
+            parse(&base.replace("size = \"4GiB\"", "size = 1000")).unwrap_err()
+        );
         assert!(e.contains("multiple of 4 KiB"), "{e}");
     }
 }

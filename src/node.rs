@@ -77,7 +77,9 @@ impl Exports for CoreExports {
             return Some(Rc::new(CoreTarget::Local(vd.clone())));
         }
         let link = self.mesh.peer(*owner)?;
-        Some(Rc::new(CoreTarget::Remote(RemoteTarget::new(*id, *size, link))))
+        Some(Rc::new(CoreTarget::Remote(RemoteTarget::new(
+            *id, *size, link,
+        ))))
     }
 
     fn list(&self) -> Vec<ExportInfo> {
@@ -128,13 +130,24 @@ fn prepare_devices(cfg: &NodeConfig, data_dir: &Path) -> Result<()> {
             continue;
         }
         let Some(size) = d.size else {
-            bail!("device[{i}] {} does not exist and has no size to create it with", path.display());
+            bail!(
+                "device[{i}] {} does not exist and has no size to create it with",
+                path.display()
+            );
         };
-        uring::create_file(&path, size.0).with_context(|| format!("creating {}", path.display()))?;
+        uring::create_file(&path, size.0)
+            .with_context(|| format!("creating {}", path.display()))?;
         let tier = d.tier;
         let p = path.clone();
         crate::device_cmd::on_executor(async move || {
-            let dev = uring::open(&p, UringOptions { block_size: None, tier: Some(tier) }).await?;
+            let dev = uring::open(
+                &p,
+                UringOptions {
+                    block_size: None,
+                    tier: Some(tier),
+                },
+            )
+            .await?;
             let opts = FormatOptions {
                 tier: Some(tier),
                 // 4 KiB slices: host blocks are 4 KiB, so oplog and extent writes never
@@ -146,7 +159,12 @@ fn prepare_devices(cfg: &NodeConfig, data_dir: &Path) -> Result<()> {
             Ok(())
         })
         .with_context(|| format!("formatting {}", path.display()))?;
-        println!("cairn node: created device {} ({}, {})", path.display(), d.tier, human(size.0));
+        println!(
+            "cairn node: created device {} ({}, {})",
+            path.display(),
+            d.tier,
+            human(size.0)
+        );
     }
     Ok(())
 }
@@ -169,7 +187,8 @@ pub fn run(args: RunArgs) -> Result<()> {
         );
     }
     prepare_devices(&cfg, &data_dir)?;
-    let meta = RedbMetadataStore::open(&data_dir.join("metadata.redb")).map_err(|e| anyhow!("metadata store: {e}"))?;
+    let meta = RedbMetadataStore::open(&data_dir.join("metadata.redb"))
+        .map_err(|e| anyhow!("metadata store: {e}"))?;
     let online = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cores = if cfg.cores == 0 { online } else { cfg.cores };
     let owner_of_device = |d: usize| d % cores;
@@ -179,29 +198,37 @@ pub fn run(args: RunArgs) -> Result<()> {
         .map(|v| (v.name.clone(), v.id, owner_of_device(v.device), v.size.0))
         .collect();
 
-    let links = Mesh::new(cores);
+    let links = Mesh::links(cores);
     let (events_tx, events_rx) = mpsc::channel::<CoreEvent>();
     let mut handles = Vec::new();
     for (core, link) in links.into_iter().enumerate() {
         // One socket pair per core carries SIGTERM/SIGINT into its executor.
-        let (sig_rx, sig_tx) = std::os::unix::net::UnixStream::pair().context("signal socket pair")?;
+        let (sig_rx, sig_tx) =
+            std::os::unix::net::UnixStream::pair().context("signal socket pair")?;
         sig_rx.set_nonblocking(true)?;
         for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-            signal_hook::low_level::pipe::register(sig, sig_tx.try_clone()?).context("registering signals")?;
+            signal_hook::low_level::pipe::register(sig, sig_tx.try_clone()?)
+                .context("registering signals")?;
         }
         let cfg = cfg.clone();
         let data_dir = data_dir.clone();
         let meta = meta.clone();
         let all = all.clone();
         let events = events_tx.clone();
-        let placement = if core < online { Placement::Fixed(core) } else { Placement::Unbound };
+        let placement = if core < online {
+            Placement::Fixed(core)
+        } else {
+            Placement::Unbound
+        };
         let handle = LocalExecutorBuilder::new(placement)
             .name(&format!("cairn-core{core}"))
             .spawn(move || async move {
                 let sig_fd = sig_rx.into_raw_fd();
                 // SAFETY: the fd was just released by a UnixStream we own.
                 let sig = unsafe { glommio::net::UnixStream::from_raw_fd(sig_fd) };
-                if let Err(e) = run_core(core, cores, cfg, data_dir, meta, all, link, sig, &events).await {
+                if let Err(e) =
+                    run_core(core, cores, cfg, data_dir, meta, all, link, sig, &events).await
+                {
                     let _ = events.send(CoreEvent::Failed(core, format!("{e:#}")));
                 }
                 let _ = events.send(CoreEvent::Stopped);
@@ -248,15 +275,31 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
 }
 
-fn print_endpoints(cfg: &NodeConfig, data_dir: &Path, cores: usize, all: &[(String, u64, usize, u64)]) {
+fn print_endpoints(
+    cfg: &NodeConfig,
+    data_dir: &Path,
+    cores: usize,
+    all: &[(String, u64, usize, u64)],
+) {
     println!("cairn node: {cores} cores, data in {}", data_dir.display());
     for (i, d) in cfg.devices.iter().enumerate() {
         let path = NodeConfig::resolve(data_dir, &d.path);
-        println!("cairn node: device {} ({}) on core {}", path.display(), d.tier, i % cores);
+        println!(
+            "cairn node: device {} ({}) on core {}",
+            path.display(),
+            d.tier,
+            i % cores
+        );
     }
     for (name, id, core, size) in all {
-        println!("cairn node: vdisk {name} (id {id}, {}) on core {core}", human(*size));
-        println!("cairn node: NBD nbd://{}:{}/{name}", cfg.listen, cfg.nbd_port);
+        println!(
+            "cairn node: vdisk {name} (id {id}, {}) on core {core}",
+            human(*size)
+        );
+        println!(
+            "cairn node: NBD nbd://{}:{}/{name}",
+            cfg.listen, cfg.nbd_port
+        );
     }
     println!("cairn node: ready");
 }
@@ -279,7 +322,12 @@ async fn run_core(
     let cache = Rc::new(RefCell::new(ReadCache::new(cache_share)));
     let mut stores = Vec::new();
     let mut local: HashMap<u64, Rc<Disk>> = HashMap::new();
-    for (i, d) in cfg.devices.iter().enumerate().filter(|(i, _)| i % cores == core) {
+    for (i, d) in cfg
+        .devices
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| i % cores == core)
+    {
         let path = NodeConfig::resolve(&data_dir, &d.path);
         let dev = crate::device_cmd::open_formatted(&path).await?;
         let store = Rc::new(
@@ -313,7 +361,9 @@ async fn run_core(
         let listener = glommio::net::TcpListener::bind((cfg.listen.as_str(), cfg.nbd_port))
             .map_err(|e| anyhow!("NBD: cannot listen on {}:{}: {e}", cfg.listen, cfg.nbd_port))?;
         let shutdown = shutdown.clone();
-        Some(glommio::spawn_local(async move { nbd::serve(listener, exports, shutdown).await }))
+        Some(glommio::spawn_local(async move {
+            nbd::serve(listener, exports, shutdown).await
+        }))
     } else {
         None
     };

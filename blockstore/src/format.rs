@@ -984,7 +984,8 @@ mod tests {
     #[test]
     fn default_journal_is_block_aligned_for_any_size() {
         for size in [10_000_000_000u64, (300 << 20) + 4096, (8 << 30) - 4096] {
-            let l = Layout::compute(size, 4096, DEFAULT_EGROUP_BYTES, DEFAULT_SLICE_BYTES, 0).unwrap();
+            let l =
+                Layout::compute(size, 4096, DEFAULT_EGROUP_BYTES, DEFAULT_SLICE_BYTES, 0).unwrap();
             assert_eq!(l.journal_bytes % META_BLOCK_BYTES, 0, "{size}");
         }
     }

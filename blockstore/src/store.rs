@@ -812,7 +812,9 @@ impl<D: BlockDevice> BlockStore<D> {
     pub async fn checkpoint(&self) -> Result<(), StoreError> {
         self.check_failed()?;
         let _guard = self.flush_lock.lock().await;
-        self.commit(true).await.inspect_err(|_| self.failed.set(true))
+        self.commit(true)
+            .await
+            .inspect_err(|_| self.failed.set(true))
     }
 
     /// Flushes and writes a checkpoint, so the next open replays nothing.
