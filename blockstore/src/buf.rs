@@ -18,6 +18,7 @@ pub const DMA_ALIGN: usize = 4096;
 pub struct DmaBuf {
     ptr: NonNull<u8>,
     len: usize,
+    cap: usize,
     align: usize,
 }
 
@@ -52,7 +53,12 @@ impl DmaBuf {
         let Some(ptr) = NonNull::new(raw) else {
             std::alloc::handle_alloc_error(layout)
         };
-        let buf = Self { ptr, len, align };
+        let buf = Self {
+            ptr,
+            len,
+            cap: len,
+            align,
+        };
         buf.assert_aligned(align);
         buf
     }
@@ -73,6 +79,27 @@ impl DmaBuf {
     /// Always false: a `DmaBuf` is never empty.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// The length the buffer was allocated with.
+    pub fn capacity(&self) -> usize {
+        self.cap
+    }
+
+    /// Shrinks or regrows the visible length within the capacity, so a pooled buffer can carry a
+    /// shorter I/O without a new allocation; `len` must be a non-zero multiple of the alignment.
+    pub fn set_len(&mut self, len: usize) {
+        assert!(
+            len > 0 && len <= self.cap,
+            "DMA buffer length {len} outside 1..={}",
+            self.cap
+        );
+        assert!(
+            len % self.align == 0,
+            "DMA buffer length {len} is not a multiple of {}",
+            self.align
+        );
+        self.len = len;
     }
 
     /// The alignment the buffer was made with.
@@ -124,7 +151,7 @@ impl std::ops::DerefMut for DmaBuf {
 
 impl Drop for DmaBuf {
     fn drop(&mut self) {
-        let layout = Layout::from_size_align(self.len, self.align).expect("DMA buffer layout");
+        let layout = Layout::from_size_align(self.cap, self.align).expect("DMA buffer layout");
         // SAFETY: allocated in `with_alignment` with this very layout.
         unsafe { dealloc(self.ptr.as_ptr(), layout) }
     }
@@ -157,6 +184,16 @@ mod tests {
         assert_eq!(buf.len(), 4096);
         assert_eq!(&buf[..5], b"hello");
         assert!(buf[5..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn set_len_shrinks_and_regrows_within_capacity() {
+        let mut buf = DmaBuf::new(16384);
+        buf[8192] = 7;
+        buf.set_len(4096);
+        assert_eq!((buf.len(), buf.capacity()), (4096, 16384));
+        buf.set_len(16384);
+        assert_eq!(buf[8192], 7);
     }
 
     #[test]

@@ -118,7 +118,41 @@ pub struct Vdisk<D: BlockDevice, M: MetadataStore> {
     rmw_lock: async_lock::Mutex<()>,
     stats: Cell<VdiskStats>,
     stopping: Cell<bool>,
+    /// Reusable 1 MiB bounce buffers (one per concurrent run; runs never cross an extent or a
+    /// batch, both at most 1 MiB), so the I/O path does not allocate once warm.
+    pool: RefCell<Vec<DmaBuf>>,
 }
+
+/// A bounce buffer borrowed from a vdisk's pool; returned on drop.
+struct Bounce<'a> {
+    buf: Option<DmaBuf>,
+    pool: &'a RefCell<Vec<DmaBuf>>,
+}
+
+impl std::ops::Deref for Bounce<'_> {
+    type Target = DmaBuf;
+    fn deref(&self) -> &DmaBuf {
+        self.buf.as_ref().expect("bounce buffer")
+    }
+}
+
+impl std::ops::DerefMut for Bounce<'_> {
+    fn deref_mut(&mut self) -> &mut DmaBuf {
+        self.buf.as_mut().expect("bounce buffer")
+    }
+}
+
+impl Drop for Bounce<'_> {
+    fn drop(&mut self) {
+        if let Some(mut b) = self.buf.take() {
+            b.set_len(b.capacity());
+            self.pool.borrow_mut().push(b);
+        }
+    }
+}
+
+/// Capacity of a pooled bounce buffer.
+const BOUNCE_BYTES: usize = EXTENT_BLOCKS as usize * BLOCK_BYTES;
 
 fn target_err(offset: u64, e: impl std::fmt::Display) -> TargetError {
     TargetError::Io {
@@ -183,6 +217,7 @@ impl<D: BlockDevice, M: MetadataStore> Vdisk<D, M> {
             rmw_lock: async_lock::Mutex::new(()),
             stats: Cell::new(VdiskStats::default()),
             stopping: Cell::new(false),
+            pool: RefCell::new(Vec::new()),
         }))
     }
 
@@ -205,6 +240,21 @@ impl<D: BlockDevice, M: MetadataStore> Vdisk<D, M> {
         let mut s = self.stats.get();
         f(&mut s);
         self.stats.set(s);
+    }
+
+    /// A bounce buffer of `len` bytes (at most 1 MiB) from the pool.
+    fn bounce(&self, len: usize) -> Bounce<'_> {
+        assert!(len <= BOUNCE_BYTES, "bounce of {len} bytes");
+        let mut buf = self
+            .pool
+            .borrow_mut()
+            .pop()
+            .unwrap_or_else(|| DmaBuf::new(BOUNCE_BYTES));
+        buf.set_len(len);
+        Bounce {
+            buf: Some(buf),
+            pool: &self.pool,
+        }
     }
 
     fn check_range(&self, offset: u64, len: u64) -> Result<(), TargetError> {
@@ -235,7 +285,7 @@ impl<D: BlockDevice, M: MetadataStore> Vdisk<D, M> {
             if let Some(loc) = self.oplog.lookup(vb) {
                 // A run of consecutive slices of one oplog extent group (or of zero blocks).
                 let mut n = 1u64;
-                while i + n < blocks {
+                while i + n < blocks && n < EXTENT_BLOCKS {
                     match self.oplog.lookup(vb + n) {
                         Some(l)
                             if l.egid == loc.egid
@@ -254,7 +304,7 @@ impl<D: BlockDevice, M: MetadataStore> Vdisk<D, M> {
                 match loc.slice {
                     None => dst.fill(0),
                     Some(slice) => {
-                        let mut buf = DmaBuf::new(dst.len());
+                        let mut buf = self.bounce(dst.len());
                         self.oplog
                             .read(loc.egid, slice, &mut buf)
                             .await
@@ -284,7 +334,7 @@ impl<D: BlockDevice, M: MetadataStore> Vdisk<D, M> {
                 n += 1;
             }
             let gen_before = self.write_gen.get();
-            let mut buf = DmaBuf::new(n as usize * BLOCK_BYTES);
+            let mut buf = self.bounce(n as usize * BLOCK_BYTES);
             self.extents
                 .read(vb, &mut buf)
                 .await
@@ -350,7 +400,7 @@ impl<D: BlockDevice, M: MetadataStore> Vdisk<D, M> {
                 .ensure_mapped(vb / EXTENT_BLOCKS)
                 .await
                 .map_err(|e| extent_err(off, n * BLOCK_BYTES as u64, e))?;
-            let mut buf = DmaBuf::new(n as usize * BLOCK_BYTES);
+            let mut buf = self.bounce(n as usize * BLOCK_BYTES);
             buf.copy_from_slice(&data[i as usize * BLOCK_BYTES..(i + n) as usize * BLOCK_BYTES]);
             self.extents
                 .write(loc, vb, &buf)

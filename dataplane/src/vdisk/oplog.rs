@@ -615,14 +615,10 @@ impl<D: BlockDevice> Oplog<D> {
             back.last_seq = seq;
             (back.egid, first)
         };
-        let write_len = slices as usize * BLOCK_BYTES;
-        let result = if write_len == buf.len() {
-            self.store.write_slices(egid, first, &buf).await
-        } else {
-            let mut exact = DmaBuf::new(write_len);
-            exact.copy_from_slice(&buf[..write_len]);
-            self.store.write_slices(egid, first, &exact).await
-        };
+        // Write only the filled part of the pooled batch buffer.
+        buf.set_len(slices as usize * BLOCK_BYTES);
+        let result = self.store.write_slices(egid, first, &buf).await;
+        buf.set_len(buf.capacity());
         result.map_err(err)?;
         self.store.flush().await.map_err(err)?;
         // Durable: index the batch and release its writers.
