@@ -95,7 +95,7 @@ impl DmaBuf {
             self.cap
         );
         assert!(
-            len % self.align == 0,
+            len.is_multiple_of(self.align),
             "DMA buffer length {len} is not a multiple of {}",
             self.align
         );
