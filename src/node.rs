@@ -356,6 +356,7 @@ async fn run_core(
         all,
         mesh,
     });
+    let stats_exports = exports.clone();
     let shutdown = nbd::Shutdown::new();
     let server = if serves_nbd {
         let listener = glommio::net::TcpListener::bind((cfg.listen.as_str(), cfg.nbd_port))
@@ -379,6 +380,10 @@ async fn run_core(
     for vd in local.values() {
         vd.stop();
     }
+    println!(
+        "cairn node: core {core} forwarded {} requests to other cores",
+        stats_exports.mesh.forwarded()
+    );
     for store in &stores {
         store
             .checkpoint()

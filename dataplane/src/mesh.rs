@@ -125,6 +125,11 @@ pub struct PeerLink {
 }
 
 impl PeerLink {
+    /// Requests sent over this link so far.
+    pub fn calls(&self) -> u64 {
+        self.next_id.get()
+    }
+
     /// Sends `op` for `vdisk` and waits for the owner core's reply.
     pub async fn call(&self, vdisk: u64, op: Op) -> Result<Vec<u8>, TargetError> {
         let id = self.next_id.get();
@@ -180,6 +185,11 @@ impl CoreMesh {
     /// The link to `core`.
     pub fn peer(&self, core: usize) -> Option<Rc<PeerLink>> {
         self.peers.get(&core).cloned()
+    }
+
+    /// Requests this core forwarded to other cores.
+    pub fn forwarded(&self) -> u64 {
+        self.peers.values().map(|p| p.calls()).sum()
     }
 }
 
