@@ -414,17 +414,16 @@ impl<D: BlockDevice, M: MetadataStore> Vdisk<D, M> {
             .map_err(|e| target_err(vblock * BLOCK_BYTES as u64, e))
     }
 
-    /// Zeroes (thinly) whole blocks `vblock..vblock + blocks`.
+    /// Zeroes (thinly) whole blocks `vblock..vblock + blocks`: zero entries in the oplog (no
+    /// data), all enqueued before waiting once for durability.
     async fn zero_blocks(&self, vblock: u64, blocks: u64) -> Result<(), TargetError> {
         self.invalidate(vblock, blocks);
         let offset = vblock * BLOCK_BYTES as u64;
         let mut done = 0;
-        // Zero entries are cheap (no data); keep each to one extent so the drain stays simple.
         while done < blocks {
-            let vb = vblock + done;
-            let n = (blocks - done).min(EXTENT_BLOCKS - vb % EXTENT_BLOCKS);
+            let n = (blocks - done).min(u64::from(u32::MAX >> 1));
             self.oplog
-                .append(vb, n as u32, None)
+                .append(vblock + done, n as u32, None)
                 .await
                 .map_err(|e| oplog_err(offset, blocks * BLOCK_BYTES as u64, e))?;
             done += n;
@@ -435,15 +434,24 @@ impl<D: BlockDevice, M: MetadataStore> Vdisk<D, M> {
 
     /// Drains oplog batches into the extent store until told to stop. Run it on the owner core.
     pub async fn drain_loop(self: Rc<Self>) {
+        let mut backoff = std::time::Duration::from_millis(100);
         while !self.stopping.get() {
             self.oplog.wait_for_work().await;
             if self.stopping.get() || self.oplog.is_failed() {
                 return;
             }
-            if let Err(e) = self.drain_once().await {
-                // The vdisk keeps serving from the oplog; the failure is reported and retried.
-                eprintln!("vdisk {}: drain failed: {e}", self.cfg.name);
-                return;
+            match self.drain_once().await {
+                Ok(_) => backoff = std::time::Duration::from_millis(100),
+                Err(e) => {
+                    // The vdisk keeps serving from the oplog (writers wait at its cap); the
+                    // failure is reported and the cycle retried with a growing pause.
+                    eprintln!(
+                        "vdisk {}: drain failed (retrying in {backoff:?}): {e}",
+                        self.cfg.name
+                    );
+                    glommio::timer::sleep(backoff).await;
+                    backoff = (backoff * 2).min(std::time::Duration::from_secs(10));
+                }
             }
         }
     }

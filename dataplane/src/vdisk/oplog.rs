@@ -439,8 +439,8 @@ impl<D: BlockDevice> Oplog<D> {
             })
     }
 
-    /// Appends a write of whole blocks (`data` is `blocks * 4 KiB`, or `None` for zeroes) and
-    /// returns once it is durable.
+    /// Appends a write of whole blocks (`data` is `blocks * 4 KiB`, or `None` for zeroes, at
+    /// most 2^31 - 1 blocks) and returns once it is durable.
     pub async fn append(
         &self,
         vblock: u64,
@@ -461,8 +461,14 @@ impl<D: BlockDevice> Oplog<D> {
         }
         let mut done = 0u32;
         let mut last_ticket = 0;
+        // Data entries carry at most 256 KiB; zero entries carry no data and may be long.
+        let max_entry = if data.is_some() {
+            MAX_ENTRY_BLOCKS
+        } else {
+            ZERO_FLAG - 1
+        };
         while done < blocks {
-            let n = (blocks - done).min(MAX_ENTRY_BLOCKS);
+            let n = (blocks - done).min(max_entry);
             let part =
                 data.map(|d| &d[done as usize * BLOCK_BYTES..(done + n) as usize * BLOCK_BYTES]);
             last_ticket = self.enqueue(vblock + u64::from(done), n, part).await?;
