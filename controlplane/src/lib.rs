@@ -2,9 +2,56 @@
 //! over gRPC ([`cairn_proto`]), placement across failure domains, and curator scans.
 //!
 //! It reaches a node's data plane only through the traits `dataplane` defines or through gRPC.
-//! Today it carries the wire schema it will serve; the config and metadata stores land with the
-//! control-plane issue.
+//!
+//! # Layers
+//!
+//! * [`kv`]: the semantics every replicated store shares — a versioned key-value map with
+//!   atomic compare-and-swap batches (the data plane's `MetadataStore` contract).
+//! * [`storage`]: a raft group's log, vote, state machine and snapshots in one redb file.
+//! * [`network`]: raft messages as bytes over a [`RaftTransport`]: an in-process router with
+//!   fault injection for tests, and [`grpc`] (tonic, many groups multiplexed per channel).
+//! * [`group`]: [`RaftGroup`], one group on one node, with leader-aware writes and reads.
+//! * [`config_store`]: [`ConfigStore`], nodes, containers and vdisks as typed records in the
+//!   config group, with name uniqueness and precise errors.
+//! * [`ring`]: [`MetadataRing`], which metadata shard owns a key (consistent hashing).
+//!
+//! All of it runs on tokio (the control plane's 1-2 threads); storage writes go to tokio's
+//! blocking pool so an fsync never stalls the other groups of the node.
 
 #![warn(missing_docs)]
 
+use std::io::Cursor;
+
 pub use cairn_proto as proto;
+
+pub mod config_store;
+pub mod group;
+pub mod grpc;
+pub mod kv;
+pub mod network;
+pub mod ring;
+pub mod storage;
+
+pub use config_store::{ConfigError, ConfigStore};
+pub use group::{GroupError, GroupOptions, RaftGroup, ReadConsistency};
+pub use kv::{Expect, KvError, KvOp, Versioned};
+pub use network::{MemRouter, RaftRegistry, RaftTransport};
+pub use ring::MetadataRing;
+
+/// A node's id, unique in the cluster, > 0.
+pub type NodeId = u64;
+/// A raft group's id: 0 is the config group, metadata shards follow.
+pub type GroupId = u64;
+
+openraft::declare_raft_types!(
+    /// openraft's type configuration of every Cairn raft group: batches of [`KvOp`]s in the log,
+    /// their outcome as the response, nodes addressed by their control-plane gRPC address.
+    pub TypeConfig:
+        D = kv::KvBatch,
+        R = kv::KvResponse,
+        NodeId = NodeId,
+        Node = openraft::BasicNode,
+        Entry = openraft::Entry<TypeConfig>,
+        SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = openraft::TokioRuntime,
+);
