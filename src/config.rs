@@ -3,6 +3,7 @@
 //! ```toml
 //! listen = "127.0.0.1"        # address of the host frontends
 //! nbd_port = 10809
+//! iscsi_port = 3260
 //! cores = 0                   # data-plane executors; 0 = one per online CPU
 //! cache_size = "256MiB"       # unified read cache of the node (split between its cores)
 //! oplog_cap = "6GiB"          # per vdisk
@@ -34,6 +35,8 @@ use crate::size::parse_size;
 pub const NODE_CONFIG_FILE: &str = "node.toml";
 /// Default NBD port (IANA).
 pub const DEFAULT_NBD_PORT: u16 = 10809;
+/// Default iSCSI port (IANA).
+pub const DEFAULT_ISCSI_PORT: u16 = 3260;
 /// Default unified read cache of a node.
 pub const DEFAULT_CACHE_BYTES: u64 = 256 << 20;
 /// Size of the device file of the embedded default (sparse: costs what is written).
@@ -136,6 +139,9 @@ pub struct NodeConfig {
     /// NBD port.
     #[serde(default = "default_nbd_port")]
     pub nbd_port: u16,
+    /// iSCSI port.
+    #[serde(default = "default_iscsi_port")]
+    pub iscsi_port: u16,
     /// Data-plane executors (0: one per online CPU).
     #[serde(default)]
     pub cores: usize,
@@ -159,6 +165,9 @@ fn default_listen() -> String {
 fn default_nbd_port() -> u16 {
     DEFAULT_NBD_PORT
 }
+fn default_iscsi_port() -> u16 {
+    DEFAULT_ISCSI_PORT
+}
 fn default_cache() -> Size {
     Size(DEFAULT_CACHE_BYTES)
 }
@@ -172,6 +181,7 @@ impl NodeConfig {
         Self {
             listen: default_listen(),
             nbd_port: DEFAULT_NBD_PORT,
+            iscsi_port: DEFAULT_ISCSI_PORT,
             cores: 0,
             cache_size: default_cache(),
             oplog_cap: default_oplog_cap(),

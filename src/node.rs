@@ -5,7 +5,7 @@
 //! default, written to `DATA_DIR/node.toml` so later runs reopen the same cluster); create and
 //! format missing device files; open the metadata store; start one executor per core. Device
 //! `i` is owned by core `i % cores` and each vdisk by the core of its device, which recovers the
-//! vdisk's oplog and runs its drain. Cores that own vdisks listen on the NBD port
+//! vdisk's oplog and runs its drain. Cores that own vdisks listen on the NBD and iSCSI ports
 //! (`SO_REUSEPORT`); a connection for a vdisk of another core is served through the cross-core
 //! mesh. SIGTERM or SIGINT stops accepting, lets accepted requests finish, checkpoints every
 //! device and exits 0. Every acknowledged write is durable before its reply, so `kill -9`
@@ -49,6 +49,9 @@ pub struct RunArgs {
     /// NBD port.
     #[arg(long)]
     pub nbd_port: Option<u16>,
+    /// iSCSI port.
+    #[arg(long)]
+    pub iscsi_port: Option<u16>,
     /// Data-plane executors (default: one per online CPU).
     #[arg(long)]
     pub cores: Option<usize>,
@@ -114,6 +117,9 @@ fn configure(args: &RunArgs) -> Result<(NodeConfig, bool)> {
     }
     if let Some(p) = args.nbd_port {
         cfg.nbd_port = p;
+    }
+    if let Some(p) = args.iscsi_port {
+        cfg.iscsi_port = p;
     }
     if let Some(c) = args.cores {
         cfg.cores = c;
@@ -358,24 +364,45 @@ async fn run_core(
     });
     let stats_exports = exports.clone();
     let shutdown = nbd::Shutdown::new();
-    let server = if serves_nbd {
+    let mut servers = Vec::new();
+    if serves_nbd {
         let listener = glommio::net::TcpListener::bind((cfg.listen.as_str(), cfg.nbd_port))
             .map_err(|e| anyhow!("NBD: cannot listen on {}:{}: {e}", cfg.listen, cfg.nbd_port))?;
-        let shutdown = shutdown.clone();
-        Some(glommio::spawn_local(async move {
-            nbd::serve(listener, exports, shutdown).await
-        }))
-    } else {
-        None
-    };
+        let (ex, stop) = (exports.clone(), shutdown.clone());
+        servers.push(glommio::spawn_local(async move {
+            nbd::serve(listener, ex, stop)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }));
+        let listener = glommio::net::TcpListener::bind((cfg.listen.as_str(), cfg.iscsi_port))
+            .map_err(|e| {
+                anyhow!(
+                    "iSCSI: cannot listen on {}:{}: {e}",
+                    cfg.listen,
+                    cfg.iscsi_port
+                )
+            })?;
+        let portal = format!("{}:{}", cfg.listen, cfg.iscsi_port);
+        let config = Rc::new(dataplane::iscsi::IscsiConfig::new(portal));
+        let (ex, stop) = (exports.clone(), shutdown.clone());
+        servers.push(glommio::spawn_local(async move {
+            dataplane::iscsi::serve(listener, ex, config, stop)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }));
+    }
     let _ = events.send(CoreEvent::Ready);
 
     // Wait for SIGTERM / SIGINT.
     let mut byte = [0u8; 1];
     let _ = sig.read(&mut byte).await;
     shutdown.trigger();
-    if let Some(server) = server {
-        let _ = server.await;
+    for server in servers {
+        if let Err(e) = server.await {
+            eprintln!("cairn node: core {core}: frontend stopped with an error: {e}");
+        }
     }
     for vd in local.values() {
         vd.stop();

@@ -9,6 +9,7 @@
 #![warn(missing_docs)]
 
 pub mod cache;
+pub mod iscsi;
 pub mod mesh;
 pub mod metadata;
 pub mod metadata_redb;

@@ -1,0 +1,141 @@
+//! `cairn node run` judged by libiscsi's conformance suite (`iscsi-test-cu`, Debian's
+//! libiscsi-bin) over the node's real vdisk path (oplog, extent store, blockstore on a file):
+//! every `SCSI.*` and `iSCSI.*` suite must report zero failures; the tests that only print
+//! `[SKIPPED]` (CUnit counts them as passed) are counted and reported.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn have(tool: &str) -> bool {
+    let ok = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("{tool} is required (install it with scripts/setup.sh)");
+        }
+        eprintln!("!!!!!!!! SKIPPED: {tool} is not installed (scripts/setup.sh installs it)");
+    }
+    ok
+}
+
+fn skipped_tests(text: &str) -> usize {
+    text.split("  Test: ")
+        .skip(1)
+        .filter(|test| test.contains("[SKIPPED]"))
+        .count()
+}
+
+fn cunit_tests(text: &str) -> (usize, usize) {
+    for line in text.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if words.first() == Some(&"tests") && words.len() >= 6 {
+            return (words[2].parse().unwrap_or(0), words[4].parse().unwrap_or(0));
+        }
+    }
+    (0, 0)
+}
+
+unsafe extern "C" {
+    fn kill(pid: i32, sig: i32) -> i32;
+}
+
+#[test]
+fn libiscsi_conformance_suite_against_a_node() {
+    if !have("iscsi-test-cu") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = 23000 + (std::process::id() % 1000) as u16;
+    let cfg = dir.path().join("node.toml");
+    // A small vdisk keeps whole-disk commands (WRITE SAME, UNMAP of everything) quick.
+    std::fs::write(
+        &cfg,
+        format!(
+            "nbd_port = {}\niscsi_port = {port}\ncores = 2\n\
+             [[device]]\npath = \"dev0.img\"\nsize = \"2GiB\"\n\
+             [[vdisk]]\nname = \"vd0\"\nid = 1\nsize = \"256MiB\"\n",
+            port + 1000
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("node.log");
+    let out = std::fs::File::create(&log).unwrap();
+    let mut node = Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .args(["node", "run", "--data-dir"])
+        .arg(dir.path())
+        .arg("--config")
+        .arg(&cfg)
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("cairn node: ready")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{}",
+            std::fs::read_to_string(&log).unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let list = Command::new("iscsi-test-cu").arg("-l").output().unwrap();
+    let list = String::from_utf8_lossy(&list.stdout).to_string();
+    let suites: Vec<&str> = list
+        .lines()
+        .map(str::trim)
+        .filter(|l| {
+            let parts: Vec<&str> = l.split('.').collect();
+            parts.len() == 2 && (parts[0] == "SCSI" || parts[0] == "iSCSI")
+        })
+        .collect();
+    assert!(
+        suites.len() > 40,
+        "iscsi-test-cu lists {} suites",
+        suites.len()
+    );
+    let url = format!("iscsi://127.0.0.1:{port}/iqn.2026-11.io.cairn:vd0/0");
+    let started = Instant::now();
+    let (mut run_total, mut failed_total, mut skipped_total) = (0, 0, 0);
+    let mut failures = Vec::new();
+    for suite in &suites {
+        let out = Command::new("iscsi-test-cu")
+            .args([
+                "--test",
+                suite,
+                "--dataloss",
+                "-i",
+                "iqn.2026-11.io.cairn.test:node",
+            ])
+            .arg(&url)
+            .arg(&url)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (run, failed) = cunit_tests(&text);
+        let skipped = skipped_tests(&text);
+        run_total += run;
+        failed_total += failed;
+        skipped_total += skipped;
+        if failed > 0 || run == 0 {
+            failures.push(format!("=== {suite} ===\n{text}"));
+        }
+    }
+    println!(
+        "iscsi-test-cu against cairn node: {} suites, {run_total} tests run, {failed_total} failed, {skipped_total} skipped, {:?}",
+        suites.len(),
+        started.elapsed()
+    );
+    unsafe { kill(node.id() as i32, 15) };
+    assert!(node.wait().unwrap().success());
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
