@@ -41,6 +41,10 @@ pub const SEQUENTIAL_OUTSTANDING_BYTES: u64 = 3 << 19;
 pub const DEFAULT_OPLOG_CAP_BYTES: u64 = 6 << 30;
 /// Data drained per cycle: 64 MiB.
 pub const DRAIN_BATCH_BLOCKS: u32 = 16384;
+/// The drain starts a cycle once this much data waits (16 MiB)...
+pub const DRAIN_TRIGGER_BLOCKS: u64 = 4096;
+/// ...or this long after the first undrained write (a quiet vdisk drains soon after it stops).
+pub const DRAIN_DELAY: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// A vdisk's definition.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -437,6 +441,17 @@ impl<D: BlockDevice, M: MetadataStore> Vdisk<D, M> {
         let mut backoff = std::time::Duration::from_millis(100);
         while !self.stopping.get() {
             self.oplog.wait_for_work().await;
+            // Each cycle costs a flush and a metadata commit: let batches accumulate rather
+            // than draining every write (which would cost more than the write itself), unless
+            // the oplog fills up.
+            let first = std::time::Instant::now();
+            while self.oplog.undrained_blocks() < DRAIN_TRIGGER_BLOCKS
+                && first.elapsed() < DRAIN_DELAY
+                && self.oplog.held_bytes() < self.oplog.cap_bytes() / 2
+                && !self.stopping.get()
+            {
+                glommio::timer::sleep(std::time::Duration::from_millis(20)).await;
+            }
             if self.stopping.get() || self.oplog.is_failed() {
                 return;
             }

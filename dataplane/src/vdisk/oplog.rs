@@ -408,6 +408,21 @@ impl<D: BlockDevice> Oplog<D> {
         self.state.borrow().batches.len()
     }
 
+    /// Data blocks in undrained durable batches.
+    pub fn undrained_blocks(&self) -> u64 {
+        self.state
+            .borrow()
+            .batches
+            .iter()
+            .map(|b| u64::from(b.data_blocks))
+            .sum()
+    }
+
+    /// The per-vdisk cap in bytes.
+    pub fn cap_bytes(&self) -> u64 {
+        self.cap_bytes
+    }
+
     /// The newest oplog copy of `vblock`, if any.
     pub fn lookup(&self, vblock: u64) -> Option<OplogLoc> {
         self.state.borrow().index.get(&vblock).copied()
