@@ -12,6 +12,7 @@ packages=(
   libisal-dev                   # ISA-L erasure coding and crc (data plane)
   nbdkit libnbd-bin             # NBD peer for benchmarks, nbdinfo client
   libiscsi-bin                  # iscsi-test-cu conformance suite and iscsi-perf
+  iptables                      # partitions in the multi-node control-plane tests
   tgt                           # tgtd/tgtadm: the iSCSI target Cairn's is compared against
 )
 

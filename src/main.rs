@@ -4,6 +4,7 @@
 //! `cairn bench` measures layers in process. Cluster commands arrive with the control plane.
 
 mod bench;
+mod cluster_cmd;
 mod config;
 mod device_cmd;
 mod node;
@@ -34,12 +35,25 @@ enum Command {
     /// Benchmarks (see perf/).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Create the cluster or show its status.
+    Cluster(cluster_cmd::ClusterArgs),
+    /// Manage containers.
+    Container(cluster_cmd::ContainerArgs),
+    /// Manage vdisks.
+    Vdisk(cluster_cmd::VdiskArgs),
+    /// Run a standalone control plane (multi-node clusters on one host: scripts/cluster.sh).
+    #[command(subcommand)]
+    Controlplane(cluster_cmd::ControlplaneCommand),
 }
 
 #[derive(Debug, Subcommand)]
 enum NodeCommand {
     /// Run the node in the foreground (first run: a single-node cluster with vdisk vd0).
     Run(node::RunArgs),
+    /// Add a node to the cluster.
+    Add(cluster_cmd::NodeAddArgs),
+    /// Remove a node from the cluster.
+    Remove(cluster_cmd::NodeRemoveArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -64,6 +78,12 @@ fn main() -> ExitCode {
         Command::Fsck(a) => device_cmd::fsck(a),
         Command::Node(NodeCommand::Run(a)) => node::run(a).map(|()| 0),
         Command::Bench(b) => bench::run(b).map(|()| 0),
+        Command::Node(NodeCommand::Add(a)) => cluster_cmd::node_add(a).map(|()| 0),
+        Command::Node(NodeCommand::Remove(a)) => cluster_cmd::node_remove(a).map(|()| 0),
+        Command::Cluster(a) => cluster_cmd::cluster(a).map(|()| 0),
+        Command::Container(a) => cluster_cmd::container(a).map(|()| 0),
+        Command::Vdisk(a) => cluster_cmd::vdisk(a).map(|()| 0),
+        Command::Controlplane(c) => cluster_cmd::controlplane(c).map(|()| 0),
     };
     match result {
         Ok(code) => ExitCode::from(code as u8),

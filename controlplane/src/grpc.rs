@@ -101,12 +101,22 @@ impl RaftService for RaftGrpcService {
 #[derive(Debug, Clone, Default)]
 pub struct GrpcTransport {
     clients: Arc<Mutex<HashMap<String, RaftServiceClient<Channel>>>>,
+    local_address: Option<std::net::IpAddr>,
 }
 
 impl GrpcTransport {
     /// A transport with no connections yet.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A transport whose connections leave from `ip` (a node bound to its own loopback
+    /// address, e.g. 127.0.0.2, can then be partitioned by address with iptables).
+    pub fn with_local_address(ip: Option<std::net::IpAddr>) -> Self {
+        Self {
+            local_address: ip,
+            ..Self::default()
+        }
     }
 
     fn client(
@@ -126,6 +136,7 @@ impl GrpcTransport {
             .map_err(|_| TransportError::Unreachable { from, to })?
             .connect_timeout(Duration::from_millis(CONNECT_TIMEOUT_MS))
             .timeout(Duration::from_millis(RPC_TIMEOUT_MS))
+            .local_address(self.local_address)
             .tcp_nodelay(true);
         let client = RaftServiceClient::new(endpoint.connect_lazy())
             .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -14,6 +14,10 @@
 //! * [`config_store`]: [`ConfigStore`], nodes, containers and vdisks as typed records in the
 //!   config group, with name uniqueness and precise errors.
 //! * [`ring`]: [`MetadataRing`], which metadata shard owns a key (consistent hashing).
+//! * [`server`]: [`server::ControlPlane`], a node's groups and gRPC services on their own
+//!   tokio runtime, membership reconciliation, leader forwarding, metadata routing.
+//! * [`client`]: [`client::MetadataClient`] (the data plane's `MetadataStore` over gRPC) and
+//!   [`client::Endpoints`] (failover and safe retries); [`status`]: errors → gRPC statuses.
 //!
 //! All of it runs on tokio (the control plane's 1-2 threads); storage writes go to tokio's
 //! blocking pool so an fsync never stalls the other groups of the node.
@@ -24,12 +28,15 @@ use std::io::Cursor;
 
 pub use cairn_proto as proto;
 
+pub mod client;
 pub mod config_store;
 pub mod group;
 pub mod grpc;
 pub mod kv;
 pub mod network;
 pub mod ring;
+pub mod server;
+pub mod status;
 pub mod storage;
 
 pub use config_store::{ConfigError, ConfigStore};
