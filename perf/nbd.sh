@@ -19,6 +19,8 @@
 #   CORES=                cairn node --cores (default: the node's default, one per CPU)
 #   NBDKIT_FUA=1          also run nbdkit with --filter=fua fuamode=force (every write
 #                         fdatasync'd before its reply, durable like cairn's) on write cells
+#   NBD_NULL=1            also run `nbdkit null` (discards writes, reads zeros): the NBD
+#                         protocol, loopback TCP and fio's nbd engine with no storage behind
 #   SETTLE_MAX=180        seconds to wait at most for a node to go idle (drain) after a run
 #   IDLE_SECS=30          perf/idle.sh window (0: skip)
 #   OUT=perf/results/nbd-<UTC date>.md   where the report goes
@@ -45,13 +47,14 @@ DEV_SIZE="${DEV_SIZE:-4GiB}"
 VDISK_SIZE="${VDISK_SIZE:-2GiB}"
 CORES="${CORES:-}"
 NBDKIT_FUA="${NBDKIT_FUA:-1}"
+NBD_NULL="${NBD_NULL:-1}"
 SETTLE_MAX="${SETTLE_MAX:-180}"
 IDLE_SECS="${IDLE_SECS:-30}"
 KEEP_FILES="${KEEP_FILES:-0}"
 stamp="$(date -u +%Y-%m-%dT%H%M%SZ)"
 OUT="${OUT:-perf/results/nbd-$stamp.md}"
 
-command_line="$(for v in RUNTIME ROUNDS SIZE DIRS QDS WORKLOADS DEV_SIZE VDISK_SIZE CORES NBDKIT_FUA; do
+command_line="$(for v in RUNTIME ROUNDS SIZE DIRS QDS WORKLOADS DEV_SIZE VDISK_SIZE CORES NBDKIT_FUA NBD_NULL; do
   printf '%s=%q ' "$v" "${!v}"; done)perf/nbd.sh"
 
 die() { echo "nbd.sh: $*" >&2; exit 1; }
@@ -134,7 +137,7 @@ settle() {
   echo $((SECONDS - start))
 }
 
-# fio job -> "iops p99_us"; server CPU is measured by the caller.
+# fio job -> "iops p99_us ios"; server CPU is measured by the caller.
 run_fio() { # rw qd args...
   local rw=$1 qd=$2; shift 2
   fio --name="$rw-qd$qd" --size="$fio_size" --bs=4k --rw="$rw" --iodepth="$qd" \
@@ -147,16 +150,18 @@ job = json.load(open(sys.argv[1]))["jobs"][0]
 d = job["write" if sys.argv[2].endswith("write") else "read"]
 if d.get("total_ios", 1) == 0 or job.get("error", 0):
     sys.exit(f"fio did no I/O (error {job.get('error')})")
-print(f'{d["iops"]:.0f} {d["lat_ns"]["percentile"]["99.000000"] / 1e3:.1f}')
+print(f'{d["iops"]:.0f} {d["lat_ns"]["percentile"]["99.000000"] / 1e3:.1f} {d["total_ios"]}')
 PY
 }
 
-start_nbdkit() { # file fua(0|1) -> sets nbdkit_pid, nbdkit_port
+start_nbdkit() { # file fua(0|1|null) -> sets nbdkit_pid, nbdkit_port
   local file=$1 fua=$2 args=()
   nbdkit_port=$(free_port)
-  [[ "$fua" == 1 ]] && args=(--filter=fua)
-  args+=(file "$file" cache=none)
-  [[ "$fua" == 1 ]] && args+=(fuamode=force)
+  case "$fua" in
+    1) args=(--filter=fua file "$file" cache=none fuamode=force) ;;
+    null) args=(null "size=${VDISK_SIZE%iB}") ;;  # nbdkit spells 2GiB as 2G
+    *) args=(file "$file" cache=none) ;;
+  esac
   nbdkit -f --exit-with-parent -i 127.0.0.1 -p "$nbdkit_port" "${args[@]}" \
     >"$work/nbdkit-$fua.log" 2>&1 &
   nbdkit_pid=$!
@@ -229,6 +234,10 @@ for dir in $DIRS; do
   if [[ "$NBDKIT_FUA" == 1 ]]; then
     start_nbdkit "$file" 1; kitfua_pid=$nbdkit_pid; kitfua_port=$nbdkit_port
   fi
+  null_pid=""
+  if [[ "$NBD_NULL" == 1 ]]; then
+    start_nbdkit "$file" null; null_pid=$nbdkit_pid; null_port=$nbdkit_port
+  fi
   echo "== $loc: cairn node pid $node_pid on port $node_port, nbdkit $kit_port${kitfua_pid:+, nbdkit+fua $kitfua_port}" >&2
 
   for rw in $WORKLOADS; do
@@ -244,7 +253,9 @@ for dir in $DIRS; do
       notes+=("$loc: prefill for reads: node idle ${s} s after the sequential write")
     fi
     for qd in $QDS; do
-      tools=(limit nbdkit)
+      tools=(limit)
+      [[ -n "$null_pid" ]] && tools+=(null)
+      tools+=(nbdkit)
       [[ "$rw" == *write && -n "$kitfua_pid" ]] && tools+=(nbdkit-fua)
       tools+=(cairn)
       n=${#tools[@]}
@@ -254,26 +265,35 @@ for dir in $DIRS; do
         for i in $(seq 0 $((n - 1))); do order+=("${tools[$(( (i + round - 1) % n ))]}"); done
         for tool in "${order[@]}"; do
           echo "== $loc $rw qd=$qd round $round: $tool" >&2
-          cpu="-"; settle_s="-"
+          cpu="-"; settle_s="-"; a=0; b=0; c=0
           case "$tool" in
             limit)
               out="$(run_fio "$rw" "$qd" --ioengine=io_uring --direct=1 --filename="$file")" ;;
-            nbdkit|nbdkit-fua)
-              if [[ "$tool" == nbdkit ]]; then p=$kit_pid; port=$kit_port; else p=$kitfua_pid; port=$kitfua_port; fi
+            nbdkit|nbdkit-fua|null)
+              case "$tool" in
+                nbdkit) p=$kit_pid; port=$kit_port ;;
+                nbdkit-fua) p=$kitfua_pid; port=$kitfua_port ;;
+                null) p=$null_pid; port=$null_port ;;
+              esac
               a=$(ticks "$p")
               out="$(run_fio "$rw" "$qd" --ioengine=nbd --uri="nbd://127.0.0.1:$port")"
-              b=$(ticks "$p")
+              b=$(ticks "$p"); c=$b
               cpu=$(( (b - a) * 100 / hz / RUNTIME )) ;;
             cairn)
               a=$(ticks "$node_pid")
               out="$(run_fio "$rw" "$qd" --ioengine=nbd --uri="nbd://127.0.0.1:$node_port/vd0")"
               b=$(ticks "$node_pid")
               cpu=$(( (b - a) * 100 / hz / RUNTIME ))
-              # Let the drain finish so it does not run during the next tool's turn.
-              settle_s=$(settle "$node_pid") ;;
+              # Let the drain finish so it does not run during the next tool's turn; its CPU
+              # counts in the per-I/O cost.
+              settle_s=$(settle "$node_pid")
+              c=$(ticks "$node_pid") ;;
           esac
-          printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$loc" "$rw" "$qd" "$round" "$tool" \
-            "${out// /$'\t'}" "$cpu" "$settle_s" >>"$results"
+          read -r iops p99 ios <<<"$out"
+          us_io="-"
+          [[ "$tool" != limit ]] && us_io=$(awk -v t=$((c - a)) -v hz="$hz" -v n="$ios" 'BEGIN { printf "%.1f", 1e6 * t / hz / n }')
+          printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$loc" "$rw" "$qd" "$round" "$tool" \
+            "$iops" "$p99" "$cpu" "$settle_s" "$us_io" >>"$results"
         done
       done
     done
@@ -283,6 +303,7 @@ for dir in $DIRS; do
   tail -n 5 "$data/node.log" >"$work/node-tail.log"
   stop_pid "$kit_pid"
   [[ -n "$kitfua_pid" ]] && stop_pid "$kitfua_pid"
+  [[ -n "$null_pid" ]] && stop_pid "$null_pid"
   if [[ "$KEEP_FILES" != 1 ]]; then rm -rf "$data" "$file"; fi
 done
 
@@ -302,16 +323,16 @@ import statistics, sys
 from collections import defaultdict
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1])]
 cells, order = defaultdict(lambda: defaultdict(dict)), []
-for loc, rw, qd, rnd, tool, iops, p99, cpu, settle in rows:
+for loc, rw, qd, rnd, tool, iops, p99, cpu, settle, us_io in rows:
     key = (loc, rw, int(qd))
     if key not in cells:
         order.append(key)
-    cells[key][int(rnd)][tool] = (float(iops), float(p99),
-                                  None if cpu == "-" else float(cpu),
-                                  None if settle == "-" else float(settle))
+    num = lambda x: None if x == "-" else float(x)
+    cells[key][int(rnd)][tool] = (float(iops), float(p99), num(cpu), num(settle), num(us_io))
 fua = any("nbdkit-fua" in r for c in cells.values() for r in c.values())
+null = any("null" in r for c in cells.values() for r in c.values())
 med = statistics.median
-head = ["location", "workload", "QD", "limit IOPS", "nbdkit IOPS"]
+head = ["location", "workload", "QD", "limit IOPS"] + (["nbdkit null IOPS"] if null else []) + ["nbdkit IOPS"]
 if fua:
     head.append("nbdkit+FUA IOPS")
 head += ["cairn IOPS", "cairn/limit", "cairn/nbdkit", "limit p99 µs", "nbdkit p99 µs"]
@@ -329,7 +350,7 @@ for key in order:
     m = lambda tool, i, f="{:.0f}": f.format(med(get(tool, i))) if get(tool, i) else "–"
     rl = [r["cairn"][0] / r["limit"][0] for r in rs if r["limit"][0] > 0]
     rk = [r["cairn"][0] / r["nbdkit"][0] for r in rs if r["nbdkit"][0] > 0]
-    line = [key[0], key[1], str(key[2]), m("limit", 0), m("nbdkit", 0)]
+    line = [key[0], key[1], str(key[2]), m("limit", 0)] + ([m("null", 0)] if null else []) + [m("nbdkit", 0)]
     if fua:
         line.append(m("nbdkit-fua", 0))
     line += [m("cairn", 0), rng(rl), rng(rk), m("limit", 1), m("nbdkit", 1)]
@@ -337,11 +358,20 @@ for key in order:
         line.append(m("nbdkit-fua", 1))
     line.append(m("cairn", 1))
     print("| " + " | ".join(line) + " |")
-    cpu_rows.append([key[0], key[1], str(key[2]), m("nbdkit", 2), m("nbdkit-fua", 2) if fua else None,
-                     m("cairn", 2), m("cairn", 3)])
+    f1 = "{:.1f}"
+    cpu_rows.append([key[0], key[1], str(key[2]), m("nbdkit", 2), m("nbdkit", 4, f1),
+                     m("nbdkit-fua", 4, f1) if fua else None,
+                     m("cairn", 2), m("cairn", 4, f1), m("cairn", 3)])
     if key[2] >= 32 and "tmpfs" in key[0]:
         ok = lambda x, g: f"{med(x):.2f}x " + ("(met)" if med(x) >= g else "(NOT met)")
-        goal.append(f"{key[0]} {key[1]} QD{key[2]}: {ok(rl, 0.7)} the limit, {ok(rk, 1.5)} nbdkit")
+        extra = ""
+        if get("null", 0):
+            rn = [r["null"][0] / r["limit"][0] for r in rs if "null" in r and r["limit"][0] > 0]
+            rc = [r["cairn"][0] / r["null"][0] for r in rs if "null" in r and r["null"][0] > 0]
+            extra = (f" (nbdkit null, which stores nothing, reaches {med(rn):.2f}x the limit; "
+                     f"cairn is {med(rc):.2f}x nbdkit null)")
+        goal.append(f"{key[0]} {key[1]} QD{key[2]}: {ok(rl, 0.7)} the limit, {ok(rk, 1.5)} nbdkit"
+                    + extra)
 print()
 print("Goals, cairn >= 0.7x the limit and >= 1.5x nbdkit at QD32 on tmpfs: " + "; ".join(goal))
 met = [f"{k[0].split()[0]} {k[1]} QD{k[2]}" for k in order
@@ -349,10 +379,12 @@ met = [f"{k[0].split()[0]} {k[1]} QD{k[2]}" for k in order
 print()
 print("Cells where cairn >= 1.5x nbdkit: " + (", ".join(met) if met else "none"))
 print()
-h2 = ["location", "workload", "QD", "nbdkit CPU %"] + (["nbdkit+FUA CPU %"] if fua else []) + \
-     ["cairn node CPU %", "cairn idle after (s)"]
-print("Server CPU during the timed run (% of one core, median) and the time the node needed "
-      "afterwards to go idle (drain):")
+h2 = ["location", "workload", "QD", "nbdkit CPU %", "nbdkit CPU µs/IO"] + \
+     (["nbdkit+FUA CPU µs/IO"] if fua else []) + \
+     ["cairn CPU %", "cairn CPU µs/IO (incl. drain)", "cairn idle after (s)"]
+print("Server CPU (medians): % of one core during the timed run; CPU time per I/O (for cairn "
+      "including the drain that ran on after the run); seconds the node needed after the run to "
+      "go idle:")
 print()
 print("| " + " | ".join(h2) + " |")
 print("|" + "|".join(["---"] * 3 + ["---:"] * (len(h2) - 3)) + "|")
@@ -396,6 +428,13 @@ mkdir -p "$(dirname "$OUT")"
     echo "* **nbdkit+FUA** (write cells): the same with \`--filter=fua ... fuamode=force\`: every"
     echo "  write is followed by \`fdatasync\` before its reply, like cairn's durable acks."
   fi
+  if [[ "$NBD_NULL" == 1 ]]; then
+    echo "* **nbdkit null**: the same nbd job against \`nbdkit -f -i 127.0.0.1 -p PORT null"
+    echo "  size=${VDISK_SIZE%iB}\` (writes discarded, reads return zeros): the NBD protocol over"
+    echo "  loopback TCP and fio's nbd engine (libnbd, one connection) with no storage at all: a"
+    echo "  rough ceiling for NBD with this client on this machine (rough: a server with less"
+    echo "  per-request overhead than nbdkit's thread pool can pass it, as cairn's reads do)."
+  fi
   echo "* **cairn**: \`--ioengine=nbd --uri=nbd://127.0.0.1:PORT/vd0\` against \`cairn node run"
   echo "  --data-dir DIR --config DIR/node.toml\`: a fresh DIR in the location, device DIR/dev0.img"
   echo "  of $DEV_SIZE fully written once and formatted with \`cairn device format --slice-size 4KiB\`,"
@@ -438,7 +477,7 @@ mkdir -p "$(dirname "$OUT")"
   echo "  nothing else is pinned. On tmpfs io_uring cannot complete a read or write inline, so the"
   echo "  limit's and cairn's I/O go through io_uring worker threads (io-wq)."
   echo
-  echo "<details><summary>Per-round results (location, workload, QD, round, tool, IOPS, p99 µs, server CPU %, node idle after s)</summary>"
+  echo "<details><summary>Per-round results (location, workload, QD, round, tool, IOPS, p99 µs, server CPU %, node idle after s, server CPU µs per I/O)</summary>"
   echo
   echo '```'
   cat "$results"
