@@ -21,7 +21,6 @@
 //!
 //! Everything runs on the executor of the core that owns the exports: futures are not `Send`.
 
-mod io;
 pub mod login;
 pub mod pdu;
 pub mod scsi;

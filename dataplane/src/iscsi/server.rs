@@ -16,6 +16,8 @@ use futures_lite::future;
 use glommio::net::{TcpListener, TcpStream};
 use glommio::sync::Semaphore;
 
+use crate::nbd::io::is_transient;
+
 use super::login::ChapSecrets;
 use super::pdu::PduError;
 use super::scsi::LuShared;
@@ -203,20 +205,6 @@ pub async fn serve<E: Exports + 'static>(
         .await
         .expect("connection slots are never closed");
     result.map(|()| summary.get())
-}
-
-fn is_transient(error: &io::Error) -> bool {
-    matches!(
-        error.kind(),
-        io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
-            | io::ErrorKind::Interrupted
-            | io::ErrorKind::WouldBlock
-            | io::ErrorKind::OutOfMemory
-    ) || matches!(
-        error.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EPROTO)
-    )
 }
 
 /// Runs one iSCSI connection (login, then the full feature phase) on an accepted socket, with

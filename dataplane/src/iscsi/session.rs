@@ -33,12 +33,12 @@ use std::rc::Rc;
 use futures_lite::future;
 use futures_lite::io::{AsyncRead, AsyncWrite};
 
-use super::io::{LocalQueue, SharedStream};
 use super::login::{self, Negotiation, SessionParams, SessionType, TargetDirectory};
 use super::pdu::{self, BHS_LEN, Kind, LoginHeader, RESERVED_TAG, op, reject};
 use super::scsi::{self, Lu, Nexus, Outcome};
 use super::server::{ConnError, IscsiConfig, Registry};
 use crate::nbd::Shutdown;
+use crate::nbd::io::{LocalQueue, SharedStream};
 use crate::target::{BlockTarget, Exports};
 
 /// Commands accepted per session before MaxCmdSN stops the initiator.

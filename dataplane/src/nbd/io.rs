@@ -1,5 +1,6 @@
 //! The single-core plumbing a connection is built from: a socket shared by a reader and a
-//! writer, a local work queue, a one-shot signal, and a pool of request buffers.
+//! writer, a local work queue, a one-shot signal, and a pool of request buffers. The iSCSI
+//! frontend uses the same pieces (`crate::iscsi`).
 //!
 //! Everything here lives on one executor thread, so sharing is `Rc` + `RefCell`/`Cell`; no
 //! `RefCell` borrow is ever held across an `.await`. Waiting is done on glommio's
@@ -21,12 +22,12 @@ use glommio::sync::Semaphore;
 /// glommio's `TcpStream` keeps separate readiness sources for receiving and sending, so a read
 /// parked in one task and a write parked in another do not disturb each other; each poll
 /// borrows the stream only for the duration of that poll.
-pub(super) struct SharedStream<S> {
+pub(crate) struct SharedStream<S> {
     inner: RefCell<S>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin> SharedStream<S> {
-    pub(super) fn new(stream: S) -> Self {
+    pub(crate) fn new(stream: S) -> Self {
         SharedStream {
             inner: RefCell::new(stream),
         }
@@ -38,7 +39,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SharedStream<S> {
 
     /// Fills `buf`; `Ok(false)` if the peer closed the stream before sending any of it (a clean
     /// end at a message boundary), `UnexpectedEof` if it closed part-way.
-    pub(super) async fn read_exact_or_eof(&self, buf: &mut [u8]) -> io::Result<bool> {
+    pub(crate) async fn read_exact_or_eof(&self, buf: &mut [u8]) -> io::Result<bool> {
         let mut filled = 0;
         while filled < buf.len() {
             let n = self.read_some(&mut buf[filled..]).await?;
@@ -54,7 +55,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SharedStream<S> {
     }
 
     /// Fills `buf`; the peer closing first is `UnexpectedEof`.
-    pub(super) async fn read_exact(&self, buf: &mut [u8]) -> io::Result<()> {
+    pub(crate) async fn read_exact(&self, buf: &mut [u8]) -> io::Result<()> {
         if buf.is_empty() || self.read_exact_or_eof(buf).await? {
             Ok(())
         } else {
@@ -63,7 +64,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SharedStream<S> {
     }
 
     /// Reads and drops `len` bytes through `scratch`.
-    pub(super) async fn discard(&self, mut len: usize, scratch: &mut [u8]) -> io::Result<()> {
+    pub(crate) async fn discard(&self, mut len: usize, scratch: &mut [u8]) -> io::Result<()> {
         assert!(!scratch.is_empty());
         while len > 0 {
             let chunk = len.min(scratch.len());
@@ -74,7 +75,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SharedStream<S> {
     }
 
     /// Writes all of `buf`.
-    pub(super) async fn write_all(&self, mut buf: &[u8]) -> io::Result<()> {
+    pub(crate) async fn write_all(&self, mut buf: &[u8]) -> io::Result<()> {
         while !buf.is_empty() {
             let n =
                 poll_fn(|cx| Pin::new(&mut *self.inner.borrow_mut()).poll_write(cx, buf)).await?;
@@ -87,7 +88,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SharedStream<S> {
     }
 
     /// Flushes anything the stream buffers (a no-op for glommio sockets, kept for generality).
-    pub(super) async fn flush(&self) -> io::Result<()> {
+    pub(crate) async fn flush(&self) -> io::Result<()> {
         poll_fn(|cx| Pin::new(&mut *self.inner.borrow_mut()).poll_flush(cx)).await
     }
 }
@@ -97,7 +98,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SharedStream<S> {
 /// Built on a closed-on-fire zero-unit semaphore, so a `wait` raced against a socket read each
 /// request costs a link into an intrusive list, not an allocation.
 #[derive(Clone)]
-pub(super) struct Signal {
+pub(crate) struct Signal {
     inner: Rc<SignalInner>,
 }
 
@@ -107,7 +108,7 @@ struct SignalInner {
 }
 
 impl Signal {
-    pub(super) fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Signal {
             inner: Rc::new(SignalInner {
                 fired: Cell::new(false),
@@ -116,17 +117,17 @@ impl Signal {
         }
     }
 
-    pub(super) fn fire(&self) {
+    pub(crate) fn fire(&self) {
         self.inner.fired.set(true);
         self.inner.waiters.close();
     }
 
-    pub(super) fn is_fired(&self) -> bool {
+    pub(crate) fn is_fired(&self) -> bool {
         self.inner.fired.get()
     }
 
     /// Returns once [`Signal::fire`] has been called.
-    pub(super) async fn wait(&self) {
+    pub(crate) async fn wait(&self) {
         while !self.is_fired() {
             // Nothing ever signals units, so acquire only returns when the semaphore closes.
             let _closed = self.inner.waiters.acquire(1).await;
@@ -138,30 +139,30 @@ impl Signal {
 ///
 /// The semaphore counts queued items, so `pop` parks without polling and a closed queue wakes
 /// every waiter with `None`.
-pub(super) struct LocalQueue<T> {
+pub(crate) struct LocalQueue<T> {
     items: RefCell<VecDeque<T>>,
     ready: Semaphore,
 }
 
 impl<T> LocalQueue<T> {
-    pub(super) fn with_capacity(capacity: usize) -> Self {
+    pub(crate) fn with_capacity(capacity: usize) -> Self {
         LocalQueue {
             items: RefCell::new(VecDeque::with_capacity(capacity)),
             ready: Semaphore::new(0),
         }
     }
 
-    pub(super) fn push(&self, item: T) {
+    pub(crate) fn push(&self, item: T) {
         self.items.borrow_mut().push_back(item);
         self.ready.signal(1);
     }
 
-    pub(super) fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.items.borrow().len()
     }
 
     /// The next item, or `None` once the queue is closed.
-    pub(super) async fn pop(&self) -> Option<T> {
+    pub(crate) async fn pop(&self) -> Option<T> {
         self.ready.acquire(1).await.ok()?;
         let item = self.items.borrow_mut().pop_front();
         assert!(item.is_some(), "queue count and items out of step");
@@ -171,7 +172,7 @@ impl<T> LocalQueue<T> {
     /// Moves every queued item into `out` (waiting for at least one); `false` once closed.
     ///
     /// Only one task may wait on a queue drained this way.
-    pub(super) async fn pop_all(&self, out: &mut Vec<T>) -> bool {
+    pub(crate) async fn pop_all(&self, out: &mut Vec<T>) -> bool {
         if self.ready.acquire(1).await.is_err() {
             return false;
         }
@@ -192,13 +193,13 @@ impl<T> LocalQueue<T> {
     }
 
     /// Wakes every waiter with `None`; items still queued are dropped with the queue.
-    pub(super) fn close(&self) {
+    pub(crate) fn close(&self) {
         self.ready.close();
     }
 }
 
 /// A request buffer from a [`BufPool`]: a reused `Vec` viewed at the request's length.
-pub(super) struct IoBuf {
+pub(crate) struct IoBuf {
     vec: Vec<u8>,
     len: usize,
 }
@@ -222,7 +223,7 @@ impl DerefMut for IoBuf {
 /// limit, is the connection's back-pressure. Returned buffers are kept for reuse while their
 /// total capacity stays under `retain_bytes`, so a steady workload allocates nothing per I/O
 /// after warm-up; the pool holds at most `retain_bytes` idle plus `budget_bytes` in flight.
-pub(super) struct BufPool {
+pub(crate) struct BufPool {
     free: RefCell<Vec<Vec<u8>>>,
     retained_bytes: Cell<usize>,
     retain_bytes: usize,
@@ -231,7 +232,7 @@ pub(super) struct BufPool {
 }
 
 impl BufPool {
-    pub(super) fn new(budget_bytes: u64, retain_bytes: usize, slots: usize) -> Self {
+    pub(crate) fn new(budget_bytes: u64, retain_bytes: usize, slots: usize) -> Self {
         BufPool {
             free: RefCell::new(Vec::with_capacity(slots)),
             retained_bytes: Cell::new(0),
@@ -242,7 +243,7 @@ impl BufPool {
     }
 
     /// A buffer of `len` bytes (contents unspecified), once the budget allows it.
-    pub(super) async fn get(&self, len: usize) -> IoBuf {
+    pub(crate) async fn get(&self, len: usize) -> IoBuf {
         let units = len as u64;
         assert!(
             units <= self.budget_bytes,
@@ -262,7 +263,7 @@ impl BufPool {
     }
 
     /// Returns a buffer and its budget.
-    pub(super) fn put(&self, buf: IoBuf) {
+    pub(crate) fn put(&self, buf: IoBuf) {
         self.budget.signal(buf.len as u64);
         let capacity = buf.vec.capacity();
         let retained = self.retained_bytes.get();
@@ -272,6 +273,22 @@ impl BufPool {
             free.push(buf.vec);
         }
     }
+}
+
+/// Accept errors that say "not now" rather than "never": the peer gave up before we accepted,
+/// or the process ran out of descriptors or memory for a moment.
+pub(crate) fn is_transient(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::WouldBlock
+            | io::ErrorKind::OutOfMemory
+    ) || matches!(
+        error.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EPROTO)
+    )
 }
 
 #[cfg(test)]

@@ -18,7 +18,7 @@
 //! and a connection never crosses cores once its socket is handed over.
 
 mod handshake;
-mod io;
+pub(crate) mod io;
 pub mod proto;
 mod server;
 mod transmission;

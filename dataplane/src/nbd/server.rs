@@ -5,6 +5,7 @@
 //! so a node can accept on any core and hand the socket to the vdisk owner. Both are generic
 //! over [`Exports`]; nothing here knows what a vdisk is.
 
+use super::io::is_transient;
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -236,22 +237,6 @@ pub async fn serve<E: Exports + 'static>(
         .await
         .expect("connection slots are never closed");
     result.map(|()| summary.get())
-}
-
-/// Accept errors that say "not now" rather than "never": the peer gave up before we accepted,
-/// or the process ran out of descriptors or memory for a moment.
-fn is_transient(error: &io::Error) -> bool {
-    matches!(
-        error.kind(),
-        io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
-            | io::ErrorKind::Interrupted
-            | io::ErrorKind::WouldBlock
-            | io::ErrorKind::OutOfMemory
-    ) || matches!(
-        error.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EPROTO)
-    )
 }
 
 /// Runs one NBD session (handshake, then transmission) on an accepted socket, on the current
