@@ -309,10 +309,15 @@ impl<D: BlockDevice, M: MetadataStore> Vdisk<D, M> {
                     None => dst.fill(0),
                     Some(slice) => {
                         let mut buf = self.bounce(dst.len());
-                        self.oplog
-                            .read(loc.egid, slice, &mut buf)
-                            .await
-                            .map_err(|e| target_err(off, e))?;
+                        if let Err(e) = self.oplog.read(loc.egid, slice, &mut buf).await {
+                            // The drain may have moved the block to the extent store and freed
+                            // its oplog extent group while this read was in flight: look it
+                            // up again rather than failing the host's read.
+                            if self.oplog.lookup(vb) != Some(loc) {
+                                continue;
+                            }
+                            return Err(target_err(off, e));
+                        }
                         dst.copy_from_slice(&buf);
                     }
                 }
