@@ -175,12 +175,13 @@ start_node() { # data_dir -> sets node_pid, node_port
   {
     echo "listen = \"127.0.0.1\""
     echo "nbd_port = $node_port"
+    echo "grpc_port = $(free_port)"
+    echo "iscsi_port = $(free_port)"
     [[ -n "$CORES" ]] && echo "cores = $CORES"
     echo "[[device]]"
     echo "path = \"dev0.img\""
     echo "[[vdisk]]"
     echo "name = \"vd0\""
-    echo "id = 1"
     echo "size = \"$VDISK_SIZE\""
   } >"$dir/node.toml"
   "$bin" node run --data-dir "$dir" --config "$dir/node.toml" >"$dir/node.log" 2>&1 &

@@ -114,7 +114,7 @@ enum ContainerCommand {
     Create {
         /// Name, [A-Za-z0-9._-].
         name: String,
-        /// Replication factor, 2 or 3.
+        /// Replication factor: 2 or 3 (1: no redundancy, for single-node clusters).
         #[arg(long, default_value_t = 2)]
         rf: u32,
         /// Erasure coding of cold data, k/m (e.g. 4/1).

@@ -1,9 +1,15 @@
 //! The node configuration file (TOML).
 //!
 //! ```toml
-//! listen = "127.0.0.1"        # address of the host frontends
+//! node_id = 1                 # cluster-unique, > 0
+//! listen = "127.0.0.1"        # address of the host frontends and the control plane
 //! nbd_port = 10809
 //! iscsi_port = 3260
+//! grpc_port = 7100            # control plane (raft groups, cairn CLI)
+//! # advertise = "10.0.0.5:7100" # control address others reach this node at
+//! # peers = ["1=10.0.0.5:7100", "2=10.0.0.6:7100", "3=10.0.0.7:7100"]  # founding voters
+//! # join = false              # true: wait for `cairn node add` instead of forming a cluster
+//! metadata_shards = 4         # same on every node
 //! cores = 0                   # data-plane executors; 0 = one per online CPU
 //! cache_size = "256MiB"       # unified read cache of the node (split between its cores)
 //! oplog_cap = "6GiB"          # per vdisk
@@ -13,13 +19,16 @@
 //! size = "16GiB"              # a missing file is created (sparse) and formatted
 //! tier = "ssd"
 //!
-//! [[vdisk]]
+//! [[vdisk]]                   # created in the cluster's config store when this node forms it
 //! name = "vd0"
-//! id = 1
 //! size = "4GiB"
-//! container = "default"
+//! container = "default"       # created too (RF1 on a single node, else RF2) when missing
 //! device = 0                  # index of the device that holds its oplog and extents
 //! ```
+//!
+//! Vdisks are defined in the cluster's config store (`cairn vdisk create`); the `[[vdisk]]`
+//! entries only seed a cluster this node creates. A node serves every vdisk whose ownership
+//! record (in the metadata store) names it and one of its devices.
 //!
 //! Unknown keys and bad values are refused with the file, the key and the reason.
 
@@ -33,6 +42,10 @@ use crate::size::parse_size;
 
 /// Name of the configuration a node writes into a new data directory.
 pub const NODE_CONFIG_FILE: &str = "node.toml";
+/// Default control-plane (gRPC) port.
+pub const DEFAULT_GRPC_PORT: u16 = 7100;
+/// Vdisk sizes are multiples of this (the control plane's extent alignment).
+pub const VDISK_SIZE_ALIGNMENT: u64 = controlplane::server::VDISK_SIZE_ALIGNMENT_BYTES;
 /// Default NBD port (IANA).
 pub const DEFAULT_NBD_PORT: u16 = 10809;
 /// Default iSCSI port (IANA).
@@ -113,8 +126,6 @@ pub struct DeviceConfig {
 pub struct VdiskEntry {
     /// Name (export name, iSCSI target suffix).
     pub name: String,
-    /// Cluster-unique id, 1 to 2^30-1.
-    pub id: u64,
     /// Size.
     pub size: Size,
     /// Container.
@@ -133,7 +144,10 @@ fn default_container() -> String {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct NodeConfig {
-    /// Frontend listen address.
+    /// Cluster-unique node id (> 0).
+    #[serde(default = "default_node_id")]
+    pub node_id: u64,
+    /// Frontend and control-plane listen address.
     #[serde(default = "default_listen")]
     pub listen: String,
     /// NBD port.
@@ -142,6 +156,22 @@ pub struct NodeConfig {
     /// iSCSI port.
     #[serde(default = "default_iscsi_port")]
     pub iscsi_port: u16,
+    /// Control-plane gRPC port.
+    #[serde(default = "default_grpc_port")]
+    pub grpc_port: u16,
+    /// Control address others reach this node at, host:port (default: listen:grpc_port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<String>,
+    /// Founding voters `id=host:port` (this node included, the same list on every founder);
+    /// empty: a single-node cluster.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<String>,
+    /// Wait to be added with `cairn node add` instead of forming a cluster.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub join: bool,
+    /// Metadata shards of the cluster (the same on every node).
+    #[serde(default = "default_shards")]
+    pub metadata_shards: u32,
     /// Data-plane executors (0: one per online CPU).
     #[serde(default)]
     pub cores: usize,
@@ -159,6 +189,15 @@ pub struct NodeConfig {
     pub vdisks: Vec<VdiskEntry>,
 }
 
+fn default_node_id() -> u64 {
+    1
+}
+fn default_grpc_port() -> u16 {
+    DEFAULT_GRPC_PORT
+}
+fn default_shards() -> u32 {
+    controlplane::server::DEFAULT_METADATA_SHARDS
+}
 fn default_listen() -> String {
     "127.0.0.1".to_string()
 }
@@ -179,9 +218,15 @@ impl NodeConfig {
     /// The embedded default: one file-backed device and a thin 4 GiB vdisk `vd0`.
     pub fn embedded_default() -> Self {
         Self {
+            node_id: default_node_id(),
             listen: default_listen(),
             nbd_port: DEFAULT_NBD_PORT,
             iscsi_port: DEFAULT_ISCSI_PORT,
+            grpc_port: DEFAULT_GRPC_PORT,
+            advertise: None,
+            peers: Vec::new(),
+            join: false,
+            metadata_shards: default_shards(),
             cores: 0,
             cache_size: default_cache(),
             oplog_cap: default_oplog_cap(),
@@ -192,7 +237,6 @@ impl NodeConfig {
             }],
             vdisks: vec![VdiskEntry {
                 name: "vd0".to_string(),
-                id: 1,
                 size: Size(DEFAULT_VDISK_BYTES),
                 container: default_container(),
                 device: 0,
@@ -221,8 +265,21 @@ impl NodeConfig {
         if self.devices.is_empty() {
             bail!("key `device`: at least one device is needed");
         }
+        if self.node_id == 0 {
+            bail!("key `node_id`: 0 is reserved, use 1 or more");
+        }
+        if !(1..=controlplane::server::MAX_METADATA_SHARDS).contains(&self.metadata_shards) {
+            bail!(
+                "key `metadata_shards`: {} is outside 1..={}",
+                self.metadata_shards,
+                controlplane::server::MAX_METADATA_SHARDS
+            );
+        }
+        self.founders()?;
+        if self.join && !self.peers.is_empty() {
+            bail!("key `join`: a joining node has no founding `peers`");
+        }
         let mut names = std::collections::HashSet::new();
-        let mut ids = std::collections::HashSet::new();
         for (i, v) in self.vdisks.iter().enumerate() {
             let key = format!("vdisk[{i}]");
             if v.name.is_empty()
@@ -240,15 +297,9 @@ impl NodeConfig {
             if !names.insert(v.name.clone()) {
                 bail!("key `{key}.name`: duplicate vdisk name '{}'", v.name);
             }
-            if v.id == 0 || v.id >= 1 << 30 {
-                bail!("key `{key}.id`: {} is outside 1..2^30", v.id);
-            }
-            if !ids.insert(v.id) {
-                bail!("key `{key}.id`: duplicate vdisk id {}", v.id);
-            }
-            if v.size.0 == 0 || v.size.0 % 4096 != 0 {
+            if v.size.0 == 0 || !v.size.0.is_multiple_of(VDISK_SIZE_ALIGNMENT) {
                 bail!(
-                    "key `{key}.size`: {} bytes is not a non-zero multiple of 4 KiB",
+                    "key `{key}.size`: {} bytes is not a non-zero multiple of 1 MiB",
                     v.size.0
                 );
             }
@@ -273,6 +324,37 @@ impl NodeConfig {
             );
         }
         Ok(())
+    }
+
+    /// The founding voters from `peers` (node id -> control address); empty: single node.
+    pub fn founders(&self) -> Result<std::collections::BTreeMap<u64, String>> {
+        let mut out = std::collections::BTreeMap::new();
+        for (i, p) in self.peers.iter().enumerate() {
+            let Some((id, addr)) = p.split_once('=') else {
+                bail!("key `peers[{i}]`: '{p}' is not id=host:port");
+            };
+            let id: u64 = match id.trim().parse() {
+                Ok(id) if id > 0 => id,
+                _ => bail!("key `peers[{i}]`: '{id}' is not a node id (> 0)"),
+            };
+            if addr
+                .trim()
+                .rsplit_once(':')
+                .is_none_or(|(h, port)| h.is_empty() || port.parse::<u16>().is_err())
+            {
+                bail!("key `peers[{i}]`: '{addr}' is not host:port");
+            }
+            if out.insert(id, addr.trim().to_string()).is_some() {
+                bail!("key `peers[{i}]`: node id {id} appears twice");
+            }
+        }
+        if !out.is_empty() && !out.contains_key(&self.node_id) {
+            bail!(
+                "key `peers`: this node ({}) is not among the founding voters",
+                self.node_id
+            );
+        }
+        Ok(out)
     }
 
     /// The configuration as TOML.
@@ -317,9 +399,19 @@ mod tests {
         assert!(e.contains("unknown unit"), "{e}");
         let e = format!(
             "{:#}",
-            parse(&base.replace("id = 1", "id = 0")).unwrap_err()
+            parse(&base.replace("node_id = 1", "node_id = 0")).unwrap_err()
         );
-        assert!(e.contains("vdisk[0].id") && e.contains("test.toml"), "{e}");
+        assert!(e.contains("node_id") && e.contains("test.toml"), "{e}");
+        let e = format!(
+            "{:#}",
+            parse(&format!("peers = [\"1=a:1\", \"2=b\"]\n{base}")).unwrap_err()
+        );
+        assert!(e.contains("peers[1]") && e.contains("host:port"), "{e}");
+        let e = format!(
+            "{:#}",
+            parse(&format!("peers = [\"2=a:1\"]\n{base}")).unwrap_err()
+        );
+        assert!(e.contains("not among the founding voters"), "{e}");
         let e = parse(&base.replace("tier = \"ssd\"", "tier = \"tape\""))
             .unwrap_err()
             .to_string();
@@ -328,6 +420,6 @@ mod tests {
             "{:#}",
             parse(&base.replace("size = \"4GiB\"", "size = 1000")).unwrap_err()
         );
-        assert!(e.contains("multiple of 4 KiB"), "{e}");
+        assert!(e.contains("multiple of 1 MiB"), "{e}");
     }
 }

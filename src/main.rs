@@ -7,6 +7,7 @@ mod bench;
 mod cluster_cmd;
 mod config;
 mod device_cmd;
+mod meta_store;
 mod node;
 mod size;
 

@@ -1,37 +1,55 @@
-//! `cairn node run`: one node's data plane — a pinned glommio executor per core, devices and
-//! vdisks owned by cores, NBD served to hosts.
+//! `cairn node run`: one node — its control plane (raft groups, gRPC) and its data plane (a
+//! pinned glommio executor per core, devices and vdisks owned by cores, NBD and iSCSI served to
+//! hosts).
 //!
 //! Start-up: read the configuration (`--config`, else `DATA_DIR/node.toml`, else the embedded
 //! default, written to `DATA_DIR/node.toml` so later runs reopen the same cluster); create and
-//! format missing device files; open the metadata store; start one executor per core. Device
-//! `i` is owned by core `i % cores` and each vdisk by the core of its device, which recovers the
-//! vdisk's oplog and runs its drain. Cores that own vdisks listen on the NBD and iSCSI ports
+//! format missing device files; start the control plane (`DATA_DIR/control`); a node that forms
+//! the cluster (no `peers`, or the lowest founding id) creates it and, while it has no
+//! containers, the `[[vdisk]]` entries; then start one executor per core. Device `i` is owned by
+//! core `i % cores`. Vdisks are defined in the config store: every core follows the config view
+//! ([`ControlPlaneHandle::watch_config`]), claims a new vdisk for this node when the device
+//! chosen for it is one of its own (an [`Ownership`] record, compare-and-swap in the metadata
+//! store, so exactly one node serves it), opens the vdisks it owns (recovering the oplog,
+//! running the drain) and stops serving deleted ones. Block maps live in the Raft-replicated
+//! metadata shards ([`ControlPlaneMetadata`]); a single node is the same code with one voter. Cores that own vdisks listen on the NBD and iSCSI ports
 //! (`SO_REUSEPORT`); a connection for a vdisk of another core is served through the cross-core
 //! mesh. SIGTERM or SIGINT stops accepting, lets accepted requests finish, checkpoints every
 //! device and exits 0. Every acknowledged write is durable before its reply, so `kill -9`
 //! loses nothing acknowledged.
 
-use std::cell::RefCell;
-use std::collections::HashMap;
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap};
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use blockstore::uring::{self, UringOptions};
 use blockstore::{BlockStore, FormatOptions};
 use clap::Args;
+use controlplane::client::{Endpoints, MetadataClient};
+use controlplane::config_store::VdiskRecord;
+use controlplane::proto::v1 as pb;
+use controlplane::server::{ConfigView, ControlPlane, ControlPlaneHandle, ControlPlaneOptions};
 use dataplane::cache::ReadCache;
 use dataplane::mesh::{CoreTarget, Mesh, RemoteTarget};
-use dataplane::metadata_redb::RedbMetadataStore;
+use dataplane::metadata::{Expect, MetaError, MetaOp, MetadataStore};
 use dataplane::nbd;
 use dataplane::target::{ExportInfo, Exports};
-use dataplane::vdisk::{Vdisk, VdiskConfig};
+use dataplane::vdisk::{Vdisk, VdiskConfig, purge};
 use futures_lite::AsyncReadExt;
 use glommio::{LocalExecutorBuilder, Placement};
+use pb::cluster_service_client::ClusterServiceClient;
+use pb::container_service_client::ContainerServiceClient;
+use pb::vdisk_service_client::VdiskServiceClient;
+use tokio::sync::watch;
 
 use crate::config::{NODE_CONFIG_FILE, NodeConfig};
+use crate::meta_store::{ControlPlaneMetadata, Ownership};
 use crate::size::human;
 
 /// Arguments of `cairn node run`.
@@ -52,18 +70,29 @@ pub struct RunArgs {
     /// iSCSI port.
     #[arg(long)]
     pub iscsi_port: Option<u16>,
+    /// Control-plane (gRPC) port.
+    #[arg(long)]
+    pub grpc_port: Option<u16>,
     /// Data-plane executors (default: one per online CPU).
     #[arg(long)]
     pub cores: Option<usize>,
 }
 
-type Disk = Vdisk<uring::UringDevice, RedbMetadataStore>;
+type Disk = Vdisk<uring::UringDevice, ControlPlaneMetadata>;
 
-/// The vdisks as one core's NBD server sees them.
+/// A vdisk this node serves: name, id, owner core, size.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Export {
+    name: String,
+    id: u64,
+    core: usize,
+    size: u64,
+}
+
+/// The vdisks as one core's frontends see them (changes as the config store changes).
 struct CoreExports {
-    local: HashMap<u64, Rc<Disk>>,
-    /// name -> (id, owner core, size)
-    all: Vec<(String, u64, usize, u64)>,
+    local: Rc<RefCell<HashMap<u64, Rc<Disk>>>>,
+    all: RefCell<Vec<Export>>,
     mesh: dataplane::mesh::CoreMesh,
 }
 
@@ -71,27 +100,29 @@ impl Exports for CoreExports {
     type Target = CoreTarget<Disk>;
 
     fn get(&self, name: &str) -> Option<Rc<Self::Target>> {
-        let (_, id, owner, size) = if name.is_empty() {
-            self.all.first()?
+        let all = self.all.borrow();
+        let e = if name.is_empty() {
+            all.first()?
         } else {
-            self.all.iter().find(|(n, ..)| n == name)?
+            all.iter().find(|e| e.name == name)?
         };
-        if let Some(vd) = self.local.get(id) {
+        if let Some(vd) = self.local.borrow().get(&e.id) {
             return Some(Rc::new(CoreTarget::Local(vd.clone())));
         }
-        let link = self.mesh.peer(*owner)?;
+        let link = self.mesh.peer(e.core)?;
         Some(Rc::new(CoreTarget::Remote(RemoteTarget::new(
-            *id, *size, link,
+            e.id, e.size, link,
         ))))
     }
 
     fn list(&self) -> Vec<ExportInfo> {
         self.all
+            .borrow()
             .iter()
-            .map(|(name, _, _, size)| ExportInfo {
-                name: name.clone(),
-                description: format!("Cairn vdisk {name}"),
-                size_bytes: *size,
+            .map(|e| ExportInfo {
+                name: e.name.clone(),
+                description: format!("Cairn vdisk {}", e.name),
+                size_bytes: e.size,
             })
             .collect()
     }
@@ -120,6 +151,9 @@ fn configure(args: &RunArgs) -> Result<(NodeConfig, bool)> {
     }
     if let Some(p) = args.iscsi_port {
         cfg.iscsi_port = p;
+    }
+    if let Some(p) = args.grpc_port {
+        cfg.grpc_port = p;
     }
     if let Some(c) = args.cores {
         cfg.cores = c;
@@ -179,32 +213,86 @@ enum CoreEvent {
     Ready,
     Failed(usize, String),
     Stopped,
+    /// A core now serves this vdisk.
+    Serving(Export),
+    /// A core stopped serving a vdisk deleted from the config store (extent groups freed).
+    Removed(String, usize),
+    /// A core's devices (capacity and usage for `cluster status`).
+    Devices(usize, Vec<pb::DeviceInfo>),
 }
+
+/// How long the founder waits for the cluster's config leader and the seed vdisks.
+const BOOTSTRAP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a data-plane metadata call keeps retrying a shard without a leader.
+const METADATA_RETRY: Duration = Duration::from_secs(10);
+/// How often a core looks at the config view for added and deleted vdisks.
+const RECONCILE_INTERVAL: Duration = Duration::from_millis(500);
+/// How long a starting core waits for every vdisk of the config to be placed and opened.
+const STARTUP_SETTLE: Duration = Duration::from_secs(30);
+/// How often a core reports its devices' usage.
+const DEVICE_REPORT_INTERVAL: Duration = Duration::from_secs(10);
+/// Name of the cluster a founder creates.
+const DEFAULT_CLUSTER_NAME: &str = "cairn";
 
 /// `cairn node run`.
 pub fn run(args: RunArgs) -> Result<()> {
     let (cfg, created) = configure(&args)?;
     let data_dir = args.data_dir.clone();
-    if created {
-        println!(
-            "cairn node: created a single-node cluster in {} (container default, thin vdisk vd0 of {})",
-            data_dir.display(),
-            human(cfg.vdisks[0].size.0)
-        );
-    }
     prepare_devices(&cfg, &data_dir)?;
-    let meta = RedbMetadataStore::open(&data_dir.join("metadata.redb"))
-        .map_err(|e| anyhow!("metadata store: {e}"))?;
     let online = std::thread::available_parallelism().map_or(1, |n| n.get());
     let cores = if cfg.cores == 0 { online } else { cfg.cores };
-    let owner_of_device = |d: usize| d % cores;
-    let all: Vec<(String, u64, usize, u64)> = cfg
-        .vdisks
-        .iter()
-        .map(|v| (v.name.clone(), v.id, owner_of_device(v.device), v.size.0))
-        .collect();
+
+    let founders = cfg.founders()?;
+    let listen: SocketAddr = (cfg.listen.as_str(), cfg.grpc_port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| {
+            anyhow!(
+                "listen address {}:{} does not resolve",
+                cfg.listen,
+                cfg.grpc_port
+            )
+        })?;
+    let mut options = ControlPlaneOptions::new(cfg.node_id, data_dir.join("control"));
+    options.listen = listen;
+    options.advertise = cfg.advertise.clone();
+    options.peers = founders.clone();
+    options.join = cfg.join;
+    options.metadata_shards = cfg.metadata_shards;
+    let cp = ControlPlane::start(options).context("starting the control plane")?;
+    let control = cp.local_addr();
+    let forms_cluster = !cfg.join && founders.keys().next().is_none_or(|&id| id == cfg.node_id);
+    if forms_cluster {
+        let seeded = cp
+            .runtime()
+            .block_on(bootstrap(&cfg, control, founders.len().max(1)))?;
+        if created || !seeded.is_empty() {
+            println!(
+                "cairn node: created cluster '{DEFAULT_CLUSTER_NAME}' in {} with {}",
+                data_dir.display(),
+                if seeded.is_empty() {
+                    "no vdisks".to_string()
+                } else {
+                    seeded.join(", ")
+                }
+            );
+        }
+        wait_for_vdisks(&cp, &seeded)?;
+    }
+    let meta = {
+        let _in_runtime = cp.runtime().enter();
+        let endpoints = Endpoints::new([control.to_string()])?.retry_for(METADATA_RETRY);
+        ControlPlaneMetadata::new(MetadataClient::new(endpoints), cp.runtime().clone())
+    };
 
     let links = Mesh::links(cores);
+    let uuid_core: Arc<Mutex<HashMap<u128, usize>>> = Arc::default();
+    let hints: HashMap<String, usize> = cfg
+        .vdisks
+        .iter()
+        .map(|v| (v.name.clone(), v.device))
+        .collect();
     let (events_tx, events_rx) = mpsc::channel::<CoreEvent>();
     let mut handles = Vec::new();
     for (core, link) in links.into_iter().enumerate() {
@@ -216,10 +304,16 @@ pub fn run(args: RunArgs) -> Result<()> {
             signal_hook::low_level::pipe::register(sig, sig_tx.try_clone()?)
                 .context("registering signals")?;
         }
-        let cfg = cfg.clone();
-        let data_dir = data_dir.clone();
-        let meta = meta.clone();
-        let all = all.clone();
+        let ctx = CoreSetup {
+            core,
+            cores,
+            cfg: cfg.clone(),
+            data_dir: data_dir.clone(),
+            meta: meta.clone(),
+            view: cp.watch_config(),
+            uuid_core: uuid_core.clone(),
+            hints: hints.clone(),
+        };
         let events = events_tx.clone();
         let placement = if core < online {
             Placement::Fixed(core)
@@ -232,9 +326,7 @@ pub fn run(args: RunArgs) -> Result<()> {
                 let sig_fd = sig_rx.into_raw_fd();
                 // SAFETY: the fd was just released by a UnixStream we own.
                 let sig = unsafe { glommio::net::UnixStream::from_raw_fd(sig_fd) };
-                if let Err(e) =
-                    run_core(core, cores, cfg, data_dir, meta, all, link, sig, &events).await
-                {
+                if let Err(e) = run_core(ctx, link, sig, &events).await {
                     let _ = events.send(CoreEvent::Failed(core, format!("{e:#}")));
                 }
                 let _ = events.send(CoreEvent::Stopped);
@@ -247,13 +339,47 @@ pub fn run(args: RunArgs) -> Result<()> {
     let mut ready = 0;
     let mut failure = None;
     let mut stopped = 0;
+    let mut devices: BTreeMap<usize, Vec<pb::DeviceInfo>> = BTreeMap::new();
     for ev in events_rx.iter() {
         match ev {
             CoreEvent::Ready => {
                 ready += 1;
                 if ready == cores {
-                    print_endpoints(&cfg, &data_dir, cores, &all);
+                    println!(
+                        "cairn node: node {} with {cores} cores, data in {}",
+                        cfg.node_id,
+                        data_dir.display()
+                    );
+                    println!("cairn node: control plane (gRPC) on {control}");
+                    println!("cairn node: ready");
                 }
+            }
+            CoreEvent::Serving(e) => {
+                println!(
+                    "cairn node: vdisk {} (id {}, {}) on core {}",
+                    e.name,
+                    e.id,
+                    human(e.size),
+                    e.core
+                );
+                println!(
+                    "cairn node: NBD nbd://{}:{}/{}",
+                    cfg.listen, cfg.nbd_port, e.name
+                );
+                println!(
+                    "cairn node: iSCSI {}:{} iqn.2026-11.io.cairn:{}",
+                    cfg.listen, cfg.iscsi_port, e.name
+                );
+            }
+            CoreEvent::Removed(name, freed) => {
+                println!(
+                    "cairn node: vdisk {name} deleted from the cluster, no longer served \
+                     ({freed} extent groups freed)"
+                );
+            }
+            CoreEvent::Devices(core, infos) => {
+                devices.insert(core, infos);
+                cp.set_devices(devices.values().flatten().cloned().collect());
             }
             CoreEvent::Failed(core, e) => {
                 eprintln!("cairn node: core {core} failed: {e}");
@@ -272,6 +398,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     for h in handles {
         let _ = h.join();
     }
+    cp.shutdown();
     match failure {
         Some(e) => Err(anyhow!("node stopped after a failure: {e}")),
         None => {
@@ -281,91 +408,399 @@ pub fn run(args: RunArgs) -> Result<()> {
     }
 }
 
-fn print_endpoints(
-    cfg: &NodeConfig,
-    data_dir: &Path,
-    cores: usize,
-    all: &[(String, u64, usize, u64)],
-) {
-    println!("cairn node: {cores} cores, data in {}", data_dir.display());
-    for (i, d) in cfg.devices.iter().enumerate() {
-        let path = NodeConfig::resolve(data_dir, &d.path);
-        println!(
-            "cairn node: device {} ({}) on core {}",
-            path.display(),
-            d.tier,
-            i % cores
-        );
+/// Creates the cluster (once) and, in a cluster without containers, the `[[vdisk]]` entries of
+/// the node's configuration with their containers. Returns the vdisks it created.
+async fn bootstrap(cfg: &NodeConfig, control: SocketAddr, founders: usize) -> Result<Vec<String>> {
+    let eps = Endpoints::new([control.to_string()])?.retry_for(BOOTSTRAP_TIMEOUT);
+    let req = pb::CreateClusterRequest {
+        name: DEFAULT_CLUSTER_NAME.to_string(),
+        nodes: Vec::new(),
+        fault_tolerance: 1,
+    };
+    match eps
+        .call(|ch| {
+            let req = req.clone();
+            async move { ClusterServiceClient::new(ch).create_cluster(req).await }
+        })
+        .await
+    {
+        Ok(_) => {}
+        Err(s) if s.code() == tonic::Code::AlreadyExists => {}
+        Err(s) => bail!("creating the cluster: {}", s.message()),
     }
-    for (name, id, core, size) in all {
-        println!(
-            "cairn node: vdisk {name} (id {id}, {}) on core {core}",
-            human(*size)
-        );
-        println!(
-            "cairn node: NBD nbd://{}:{}/{name}",
-            cfg.listen, cfg.nbd_port
-        );
+    let containers = eps
+        .call(|ch| async move {
+            ContainerServiceClient::new(ch)
+                .list_containers(pb::ListContainersRequest {})
+                .await
+        })
+        .await
+        .map_err(|s| anyhow!("listing containers: {}", s.message()))?
+        .into_inner()
+        .containers;
+    if !containers.is_empty() {
+        return Ok(Vec::new());
     }
-    println!("cairn node: ready");
+    // A single node cannot keep a second copy: its containers are RF1.
+    let rf = if founders >= 2 { 2 } else { 1 };
+    let mut seeded = Vec::new();
+    for v in &cfg.vdisks {
+        let req = pb::CreateContainerRequest {
+            name: v.container.clone(),
+            settings: Some(pb::ContainerSettings {
+                replication_factor: rf,
+                ..Default::default()
+            }),
+        };
+        match eps
+            .call(|ch| {
+                let req = req.clone();
+                async move { ContainerServiceClient::new(ch).create_container(req).await }
+            })
+            .await
+        {
+            Ok(_) => {}
+            Err(s) if s.code() == tonic::Code::AlreadyExists => {}
+            Err(s) => bail!("creating container {}: {}", v.container, s.message()),
+        }
+        let req = pb::CreateVdiskRequest {
+            container: v.container.clone(),
+            name: v.name.clone(),
+            size_bytes: v.size.0,
+        };
+        match eps
+            .call(|ch| {
+                let req = req.clone();
+                async move { VdiskServiceClient::new(ch).create_vdisk(req).await }
+            })
+            .await
+        {
+            Ok(_) => seeded.push(format!("{} ({})", v.name, human(v.size.0))),
+            Err(s) if s.code() == tonic::Code::AlreadyExists => {}
+            Err(s) => bail!("creating vdisk {}: {}", v.name, s.message()),
+        }
+    }
+    Ok(seeded)
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn run_core(
+/// Waits until this node's config replica has applied the vdisks the founder just created, so
+/// that the cores serve them from the start.
+fn wait_for_vdisks(cp: &ControlPlaneHandle, seeded: &[String]) -> Result<()> {
+    let deadline = std::time::Instant::now() + BOOTSTRAP_TIMEOUT;
+    let rx = cp.watch_config();
+    while rx.borrow().vdisks.len() < seeded.len() {
+        if std::time::Instant::now() > deadline {
+            bail!("the config store did not show the new vdisks within {BOOTSTRAP_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// What a core starts from.
+struct CoreSetup {
     core: usize,
     cores: usize,
     cfg: NodeConfig,
     data_dir: PathBuf,
-    meta: RedbMetadataStore,
-    all: Vec<(String, u64, usize, u64)>,
+    meta: ControlPlaneMetadata,
+    view: watch::Receiver<Arc<ConfigView>>,
+    /// Device format uuid -> owning core, filled in by each core as it opens its devices.
+    uuid_core: Arc<Mutex<HashMap<u128, usize>>>,
+    /// Vdisk name -> device index from `[[vdisk]]` entries (where a new vdisk is placed).
+    hints: HashMap<String, usize>,
+}
+
+/// One core's vdisks: follows the config store, claims and opens the vdisks placed on its
+/// devices, and keeps the frontends' export list current.
+struct CoreVdisks {
+    setup: CoreSetup,
+    meta: Rc<ControlPlaneMetadata>,
+    cache: Rc<RefCell<ReadCache>>,
+    /// Device uuid -> (device index, its block store).
+    stores: HashMap<u128, (usize, Rc<BlockStore<uring::UringDevice>>)>,
+    exports: Rc<CoreExports>,
+    owners: RefCell<HashMap<u64, Ownership>>,
+    /// Drain loops of the open vdisks.
+    drains: RefCell<HashMap<u64, glommio::Task<()>>>,
+    /// Problems already reported (vdisk id -> message), so a retry does not flood the log.
+    reported: RefCell<HashMap<u64, String>>,
+    stopping: Cell<bool>,
+}
+
+impl CoreVdisks {
+    fn report(&self, id: u64, msg: String) {
+        if self.reported.borrow().get(&id) != Some(&msg) {
+            eprintln!("cairn node: core {}: {msg}", self.setup.core);
+            self.reported.borrow_mut().insert(id, msg);
+        }
+    }
+
+    /// Who serves vdisk `v`: the recorded owner, or this node if the device chosen for it is on
+    /// this core and the claim wins. `None`: not decided yet (another core's device, or a claim
+    /// that lost a race and is read back on the next pass).
+    async fn owner(&self, v: &VdiskRecord) -> Result<Option<Ownership>> {
+        if let Some(o) = self.owners.borrow().get(&v.vdisk_id) {
+            return Ok(Some(*o));
+        }
+        let key = Ownership::key(v.vdisk_id);
+        if let Some(found) = self.meta.get(&key).await? {
+            let o =
+                Ownership::decode(&found.value).map_err(|e| anyhow!("vdisk {}: {e}", v.name))?;
+            self.owners.borrow_mut().insert(v.vdisk_id, o);
+            return Ok(Some(o));
+        }
+        let devices = self.setup.cfg.devices.len();
+        let index = self
+            .setup
+            .hints
+            .get(&v.name)
+            .copied()
+            .filter(|&i| i < devices)
+            .unwrap_or((v.vdisk_id % devices as u64) as usize);
+        let Some((&uuid, _)) = self.stores.iter().find(|(_, (i, _))| *i == index) else {
+            return Ok(None);
+        };
+        let claim = Ownership {
+            node_id: self.setup.cfg.node_id,
+            device_uuid: uuid,
+            epoch: 1,
+        };
+        match self
+            .meta
+            .apply(vec![MetaOp::Put {
+                key,
+                value: claim.encode(),
+                expect: Expect::Absent,
+            }])
+            .await
+        {
+            Ok(_) => {
+                self.owners.borrow_mut().insert(v.vdisk_id, claim);
+                Ok(Some(claim))
+            }
+            Err(MetaError::Conflict { .. }) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn open(&self, v: &VdiskRecord, store: Rc<BlockStore<uring::UringDevice>>) -> Result<()> {
+        let vcfg = VdiskConfig {
+            oplog_cap_bytes: self.setup.cfg.oplog_cap.0,
+            ..VdiskConfig::new(v.vdisk_id, &v.name, v.size_bytes)
+        };
+        let vd = Vdisk::open(store, self.meta.clone(), self.cache.clone(), vcfg)
+            .await
+            .with_context(|| format!("opening vdisk {}", v.name))?;
+        let drain = glommio::spawn_local(vd.clone().drain_loop());
+        self.drains.borrow_mut().insert(v.vdisk_id, drain);
+        if self.stopping.get() {
+            vd.stop();
+        }
+        self.exports.local.borrow_mut().insert(v.vdisk_id, vd);
+        Ok(())
+    }
+
+    /// Brings the served vdisks in line with `view`. Returns whether everything was decided.
+    async fn reconcile(&self, view: &ConfigView, events: &mpsc::Sender<CoreEvent>) -> bool {
+        let me = self.setup.cfg.node_id;
+        let mut complete = true;
+        let mut all = Vec::new();
+        for s in &view.vdisks {
+            let v = &s.record;
+            let owner = match self.owner(v).await {
+                Ok(Some(o)) => o,
+                Ok(None) => {
+                    complete = false;
+                    continue;
+                }
+                Err(e) => {
+                    self.report(v.vdisk_id, format!("vdisk {}: {e:#}", v.name));
+                    complete = false;
+                    continue;
+                }
+            };
+            if owner.node_id != me {
+                continue; // served by another node
+            }
+            let core = self
+                .setup
+                .uuid_core
+                .lock()
+                .ok()
+                .and_then(|m| m.get(&owner.device_uuid).copied());
+            let Some(core) = core else {
+                self.report(
+                    v.vdisk_id,
+                    format!(
+                        "vdisk {} is placed on device {:032x}, which this node does not have",
+                        v.name, owner.device_uuid
+                    ),
+                );
+                complete = false;
+                continue;
+            };
+            let export = Export {
+                name: v.name.clone(),
+                id: v.vdisk_id,
+                core,
+                size: v.size_bytes,
+            };
+            if core == self.setup.core && !self.exports.local.borrow().contains_key(&v.vdisk_id) {
+                let Some((_, store)) = self.stores.get(&owner.device_uuid) else {
+                    complete = false;
+                    continue;
+                };
+                if let Err(e) = self.open(v, store.clone()).await {
+                    self.report(v.vdisk_id, format!("{e:#}"));
+                    complete = false;
+                    continue;
+                }
+                let _ = events.send(CoreEvent::Serving(export.clone()));
+            }
+            all.push(export);
+        }
+        let gone: Vec<u64> = self
+            .exports
+            .local
+            .borrow()
+            .keys()
+            .copied()
+            .filter(|id| !view.vdisks.iter().any(|s| s.record.vdisk_id == *id))
+            .collect();
+        // Hosts can no longer reach a deleted vdisk; stop it and release its space.
+        *self.exports.all.borrow_mut() = all;
+        for id in gone {
+            let Some(vd) = self.exports.local.borrow_mut().remove(&id) else {
+                continue;
+            };
+            vd.stop();
+            let drain = self.drains.borrow_mut().remove(&id);
+            if let Some(drain) = drain {
+                drain.await;
+            }
+            let owner = self.owners.borrow_mut().remove(&id);
+            let name = vd.config().name.clone();
+            let store = owner.and_then(|o| self.stores.get(&o.device_uuid).map(|(_, s)| s.clone()));
+            let freed = match store {
+                Some(store) => match purge(&store, &*self.meta, id).await {
+                    Ok(n) => n,
+                    Err(e) => {
+                        self.report(id, format!("vdisk {name} deleted, space not released: {e}"));
+                        0
+                    }
+                },
+                None => 0,
+            };
+            let _ = events.send(CoreEvent::Removed(name, freed));
+        }
+        complete
+    }
+
+    fn device_infos(&self) -> Vec<pb::DeviceInfo> {
+        let mut out: Vec<(usize, pb::DeviceInfo)> = self
+            .stores
+            .values()
+            .map(|(i, store)| {
+                let s = store.stats();
+                let d = &self.setup.cfg.devices[*i];
+                (
+                    *i,
+                    pb::DeviceInfo {
+                        path: NodeConfig::resolve(&self.setup.data_dir, &d.path)
+                            .display()
+                            .to_string(),
+                        tier: d.tier.as_str().to_string(),
+                        capacity_bytes: s.capacity_bytes,
+                        used_bytes: s.allocated_bytes,
+                    },
+                )
+            })
+            .collect();
+        out.sort_by_key(|(i, _)| *i);
+        out.into_iter().map(|(_, d)| d).collect()
+    }
+}
+
+async fn run_core(
+    setup: CoreSetup,
     link: dataplane::mesh::CoreLinks,
     mut sig: glommio::net::UnixStream,
     events: &mpsc::Sender<CoreEvent>,
 ) -> Result<()> {
-    let meta = Rc::new(meta);
+    let (core, cores) = (setup.core, setup.cores);
     // The cache size is per node; each core holds its share.
-    let cache_share = (cfg.cache_size.0 as usize / cores).max(64 << 10);
+    let cache_share = (setup.cfg.cache_size.0 as usize / cores).max(64 << 10);
     let cache = Rc::new(RefCell::new(ReadCache::new(cache_share)));
-    let mut stores = Vec::new();
-    let mut local: HashMap<u64, Rc<Disk>> = HashMap::new();
-    for (i, d) in cfg
+    let mut stores = HashMap::new();
+    for (i, d) in setup
+        .cfg
         .devices
         .iter()
         .enumerate()
         .filter(|(i, _)| i % cores == core)
     {
-        let path = NodeConfig::resolve(&data_dir, &d.path);
+        let path = NodeConfig::resolve(&setup.data_dir, &d.path);
         let dev = crate::device_cmd::open_formatted(&path).await?;
         let store = Rc::new(
             BlockStore::open(dev)
                 .await
                 .with_context(|| format!("opening device {}", path.display()))?,
         );
-        for v in cfg.vdisks.iter().filter(|v| v.device == i) {
-            let vcfg = VdiskConfig {
-                oplog_cap_bytes: cfg.oplog_cap.0,
-                ..VdiskConfig::new(v.id, &v.name, v.size.0)
-            };
-            let vd = Vdisk::open(store.clone(), meta.clone(), cache.clone(), vcfg)
-                .await
-                .with_context(|| format!("opening vdisk {}", v.name))?;
-            glommio::spawn_local(vd.clone().drain_loop()).detach();
-            local.insert(v.id, vd);
+        let uuid = store.superblock().uuid;
+        if stores.insert(uuid, (i, store)).is_some() {
+            bail!(
+                "device {} has the same format uuid as another device of this core",
+                path.display()
+            );
         }
-        stores.push(store);
+        let mut map = setup
+            .uuid_core
+            .lock()
+            .map_err(|_| anyhow!("device map poisoned"))?;
+        if map.insert(uuid, core).is_some() {
+            bail!(
+                "device {} has the same format uuid {uuid:032x} as another device of this node",
+                path.display()
+            );
+        }
     }
+    let local: Rc<RefCell<HashMap<u64, Rc<Disk>>>> = Rc::default();
     let lookup_map = local.clone();
-    let mesh = link.connect(move |id| lookup_map.get(&id).cloned()).await;
-    let serves_nbd = !local.is_empty();
+    let mesh = link
+        .connect(move |id| lookup_map.borrow().get(&id).cloned())
+        .await;
+    let serves_frontends = !stores.is_empty();
     let exports = Rc::new(CoreExports {
-        local: local.clone(),
-        all,
+        local,
+        all: RefCell::new(Vec::new()),
         mesh,
     });
-    let stats_exports = exports.clone();
+    let vdisks = Rc::new(CoreVdisks {
+        meta: Rc::new(setup.meta.clone()),
+        setup,
+        cache,
+        stores,
+        exports: exports.clone(),
+        owners: RefCell::default(),
+        drains: RefCell::default(),
+        reported: RefCell::default(),
+        stopping: Cell::new(false),
+    });
+    let _ = events.send(CoreEvent::Devices(core, vdisks.device_infos()));
+    // Ready means serving: wait (boundedly) until the other cores have claimed and opened
+    // theirs, so that a host connecting to any core right after "ready" finds every vdisk.
+    let first = vdisks.setup.view.borrow().clone();
+    let mut complete = vdisks.reconcile(&first, events).await;
+    let settle = std::time::Instant::now() + STARTUP_SETTLE;
+    while !complete && std::time::Instant::now() < settle {
+        glommio::timer::sleep(Duration::from_millis(50)).await;
+        complete = vdisks.reconcile(&first, events).await;
+    }
+    let cfg = &vdisks.setup.cfg;
     let shutdown = nbd::Shutdown::new();
     let mut servers = Vec::new();
-    if serves_nbd {
+    if serves_frontends {
         let listener = glommio::net::TcpListener::bind((cfg.listen.as_str(), cfg.nbd_port))
             .map_err(|e| anyhow!("NBD: cannot listen on {}:{}: {e}", cfg.listen, cfg.nbd_port))?;
         let (ex, stop) = (exports.clone(), shutdown.clone());
@@ -395,23 +830,49 @@ async fn run_core(
     }
     let _ = events.send(CoreEvent::Ready);
 
-    // Wait for SIGTERM / SIGINT.
+    // Follow the config store until SIGTERM / SIGINT.
+    let follower = {
+        let (vdisks, events) = (vdisks.clone(), events.clone());
+        glommio::spawn_local(async move {
+            let mut seen = first.version;
+            let mut last_report = std::time::Instant::now();
+            while !vdisks.stopping.get() {
+                glommio::timer::sleep(RECONCILE_INTERVAL).await;
+                let view = vdisks.setup.view.borrow().clone();
+                if (view.version != seen || !complete) && !vdisks.stopping.get() {
+                    complete = vdisks.reconcile(&view, &events).await;
+                    seen = view.version;
+                }
+                if last_report.elapsed() >= DEVICE_REPORT_INTERVAL {
+                    last_report = std::time::Instant::now();
+                    let _ =
+                        events.send(CoreEvent::Devices(vdisks.setup.core, vdisks.device_infos()));
+                }
+            }
+        })
+    };
     let mut byte = [0u8; 1];
     let _ = sig.read(&mut byte).await;
+    vdisks.stopping.set(true);
     shutdown.trigger();
     for server in servers {
         if let Err(e) = server.await {
             eprintln!("cairn node: core {core}: frontend stopped with an error: {e}");
         }
     }
-    for vd in local.values() {
+    follower.await;
+    for vd in exports.local.borrow().values() {
         vd.stop();
+    }
+    let drains: Vec<_> = vdisks.drains.borrow_mut().drain().map(|(_, t)| t).collect();
+    for drain in drains {
+        drain.await;
     }
     println!(
         "cairn node: core {core} forwarded {} requests to other cores",
-        stats_exports.mesh.forwarded()
+        exports.mesh.forwarded()
     );
-    for store in &stores {
+    for (_, store) in vdisks.stores.values() {
         store
             .checkpoint()
             .await

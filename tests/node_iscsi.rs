@@ -54,10 +54,11 @@ fn libiscsi_conformance_suite_against_a_node() {
     std::fs::write(
         &cfg,
         format!(
-            "nbd_port = {}\niscsi_port = {port}\ncores = 2\n\
+            "nbd_port = {}\ngrpc_port = {}\niscsi_port = {port}\ncores = 2\n\
              [[device]]\npath = \"dev0.img\"\nsize = \"2GiB\"\n\
-             [[vdisk]]\nname = \"vd0\"\nid = 1\nsize = \"256MiB\"\n",
-            port + 1000
+             [[vdisk]]\nname = \"vd0\"\nsize = \"256MiB\"\n",
+            port + 1000,
+            port + 2000
         ),
     )
     .unwrap();

@@ -49,6 +49,9 @@ impl Node {
             .args(["node", "run", "--data-dir"])
             .arg(dir)
             .args(["--nbd-port", &port.to_string(), "--cores", "2"])
+            // Control plane and iSCSI on ports of their own, so tests can run side by side.
+            .args(["--grpc-port", &(port + 20000).to_string()])
+            .args(["--iscsi-port", &(port + 21000).to_string()])
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .spawn()
@@ -123,13 +126,140 @@ fn nbdinfo_sees_the_embedded_default() {
     assert!(String::from_utf8_lossy(&list.stdout).contains("export=\"vd0\""));
     let log = node.stop();
     assert!(
-        log.contains("created a single-node cluster") && log.contains("stopped cleanly"),
+        log.contains("created cluster 'cairn'") && log.contains("stopped cleanly"),
         "{log}"
     );
     // A second run reopens the same cluster.
     let node = Node::start(dir.path(), port());
     let log = node.stop();
     assert!(!log.contains("created a single-node cluster"), "{log}");
+}
+
+/// `cairn` CLI call against the node's control plane; returns (success, stdout + stderr).
+fn cli(grpc_port: u16, args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_cairn"))
+        .args(args)
+        .args(["--endpoint", &format!("127.0.0.1:{grpc_port}")])
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn exports(nbd_port: u16) -> String {
+    let out = Command::new("nbdinfo")
+        .args(["--list", &format!("nbd://127.0.0.1:{nbd_port}")])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn wait_for_exports(nbd_port: u16, want: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let list = exports(nbd_port);
+        if want(&list) {
+            return list;
+        }
+        assert!(Instant::now() < deadline, "exports did not change:\n{list}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The node's vdisks come from the Raft-replicated config store: one created with the CLI is
+/// served at once, keeps its data (block map in the metadata shards) across kill -9, and stops
+/// being served when deleted. The node reports its device capacity to `cluster status`.
+#[test]
+fn vdisks_created_with_the_cli_are_served_and_survive_kill_9() {
+    if !have("nbdinfo") || !have("nbdcopy") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let p = port();
+    let grpc = p + 20000;
+    let node = Node::start(dir.path(), p);
+    let (ok, text) = cli(
+        grpc,
+        &[
+            "vdisk",
+            "create",
+            "vd1",
+            "--container",
+            "default",
+            "--size",
+            "64MiB",
+        ],
+    );
+    assert!(ok && text.contains("created (id 2"), "{text}");
+    let (ok, text) = cli(
+        grpc,
+        &[
+            "vdisk",
+            "create",
+            "vd2",
+            "--container",
+            "default",
+            "--size",
+            "1000000",
+        ],
+    );
+    assert!(
+        !ok && text.contains("size"),
+        "an unaligned size is refused: {text}"
+    );
+    wait_for_exports(p, |l| l.contains("export=\"vd1\""));
+
+    let data: Vec<u8> = (0..4u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let src = dir.path().join("pattern.bin");
+    std::fs::write(&src, &data).unwrap();
+    let uri = format!("nbd://127.0.0.1:{p}/vd1");
+    let st = Command::new("nbdcopy")
+        .args([src.to_str().unwrap(), &uri])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let (ok, text) = cli(grpc, &["cluster", "status", "--json"]);
+    assert!(ok, "{text}");
+    let status: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let ssd = status["capacity"]
+        .as_array()
+        .and_then(|c| c.iter().find(|t| t["tier"] == "ssd"))
+        .unwrap_or_else(|| panic!("no ssd capacity in {text}"));
+    assert!(ssd["capacity_bytes"].as_u64().unwrap() > 15 << 30, "{text}");
+
+    node.kill9();
+    let node = Node::start(dir.path(), p);
+    let dst = dir.path().join("back.bin");
+    let st = Command::new("nbdcopy")
+        .args([&uri, dst.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let back = std::fs::read(&dst).unwrap();
+    assert_eq!(back.len(), 64 << 20);
+    assert!(
+        back[..data.len()] == data[..],
+        "vd1 lost data across kill -9"
+    );
+    assert!(back[data.len()..].iter().all(|&b| b == 0));
+
+    let (ok, text) = cli(grpc, &["vdisk", "delete", "vd1"]);
+    assert!(ok, "{text}");
+    let list = wait_for_exports(p, |l| !l.contains("export=\"vd1\""));
+    assert!(list.contains("export=\"vd0\""), "{list}");
+    let log = node.stop();
+    assert!(
+        log.contains("vdisk vd1 deleted from the cluster")
+            && log.contains("extent groups freed")
+            && !log.contains("(0 extent groups freed)"),
+        "the deleted vdisk's space is released: {log}"
+    );
 }
 
 #[test]
@@ -433,11 +563,13 @@ fn vdisks_on_two_cores_are_served_through_the_mesh() {
     std::fs::write(
         &cfg,
         format!(
-            "nbd_port = {p}\ncores = 2\n\
+            "nbd_port = {p}\ngrpc_port = {}\niscsi_port = {}\ncores = 2\n\
              [[device]]\npath = \"a.img\"\nsize = \"2GiB\"\n\
              [[device]]\npath = \"b.img\"\nsize = \"2GiB\"\n\
-             [[vdisk]]\nname = \"vd0\"\nid = 1\nsize = \"1GiB\"\ndevice = 0\n\
-             [[vdisk]]\nname = \"vd1\"\nid = 2\nsize = \"1GiB\"\ndevice = 1\n"
+             [[vdisk]]\nname = \"vd0\"\nsize = \"1GiB\"\ndevice = 0\n\
+             [[vdisk]]\nname = \"vd1\"\nsize = \"1GiB\"\ndevice = 1\n",
+            p + 20000,
+            p + 21000
         ),
     )
     .unwrap();

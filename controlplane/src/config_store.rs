@@ -81,7 +81,7 @@ pub enum Compression {
 /// Data settings of a container.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContainerSettings {
-    /// Copies of every write: 2 or 3.
+    /// Copies of every write: 1 (no redundancy: single-node clusters), 2 or 3.
     pub replication_factor: u32,
     /// Erasure coding of cold data: (data strips, parity strips), `None`: off.
     pub erasure_code: Option<(u32, u32)>,
@@ -127,8 +127,8 @@ pub struct Stored<T> {
 /// What is wrong with requested settings or sizes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum SettingsProblem {
-    /// Replication factor other than 2 or 3.
-    #[error("replication factor {0}, expected 2 or 3")]
+    /// Replication factor other than 1, 2 or 3.
+    #[error("replication factor {0}, expected 1, 2 or 3")]
     ReplicationFactor(u32),
     /// Erasure code strips outside the supported shapes (k 2..=4, m 1..=2).
     #[error("erasure code {0}/{1}, expected 2..=4 data and 1..=2 parity strips")]
@@ -473,7 +473,7 @@ impl ConfigStore {
         settings: ContainerSettings,
     ) -> Result<Stored<ContainerRecord>, ConfigError> {
         check_name(RecordKind::Container, name)?;
-        if !(2..=3).contains(&settings.replication_factor) {
+        if !(1..=3).contains(&settings.replication_factor) {
             return Err(ConfigError::Invalid(SettingsProblem::ReplicationFactor(
                 settings.replication_factor,
             )));

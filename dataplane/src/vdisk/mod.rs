@@ -29,7 +29,7 @@ use std::rc::Rc;
 use blockstore::{BlockDevice, BlockStore, DmaBuf};
 
 use crate::cache::ReadCache;
-use crate::metadata::{Expect, MetaOp, MetadataStore};
+use crate::metadata::{Expect, MetaError, MetaOp, MetadataStore};
 use crate::target::{BlockTarget, TargetError};
 use extents::{EXTENT_BLOCKS, ExtentError, ExtentStore};
 use oplog::{BLOCK_BYTES, Oplog, OplogError};
@@ -93,6 +93,74 @@ pub enum OpenError {
     },
 }
 
+/// Most keys one metadata batch deletes when a vdisk is purged.
+pub const PURGE_BATCH_KEYS: usize = 512;
+
+/// Why a deleted vdisk's space could not be released.
+#[derive(Debug, thiserror::Error)]
+pub enum PurgeError {
+    /// Freeing its extent groups failed.
+    #[error("vdisk {vdisk}: freeing its extent groups: {source}")]
+    Store {
+        /// Vdisk id.
+        vdisk: u64,
+        /// Cause.
+        #[source]
+        source: blockstore::StoreError,
+    },
+    /// Deleting its metadata failed.
+    #[error("vdisk {vdisk}: deleting its metadata: {source}")]
+    Meta {
+        /// Vdisk id.
+        vdisk: u64,
+        /// Cause.
+        #[source]
+        source: MetaError,
+    },
+}
+
+/// Releases everything a deleted vdisk holds: its extent groups on `store` (oplog and extent
+/// store, freed durably), then every metadata key under its prefix. Call it only after the vdisk
+/// was stopped (its drain loop ended) and deleted from the cluster's config. Safe to repeat
+/// after a failure or crash part-way. Returns the number of extent groups freed.
+pub async fn purge<D: BlockDevice, M: MetadataStore>(
+    store: &BlockStore<D>,
+    meta: &M,
+    vdisk: u64,
+) -> Result<usize, PurgeError> {
+    let store_err = |source| PurgeError::Store { vdisk, source };
+    let mut freed = 0;
+    for e in store.egroups() {
+        if (e.egid & !oplog::OPLOG_EGID_BIT) >> 24 == vdisk {
+            store.free(e.egid).map_err(store_err)?;
+            freed += 1;
+        }
+    }
+    if freed > 0 {
+        store.flush().await.map_err(store_err)?;
+    }
+    // The data is gone before the map that pointed at it: a crash in between leaves keys of a
+    // deleted vdisk (removed on the next purge), never a map pointing at reused space of a live
+    // vdisk (extent group ids carry their vdisk's id).
+    let keys = meta
+        .scan(&extents::vdisk_prefix(vdisk))
+        .await
+        .map_err(|source| PurgeError::Meta { vdisk, source })?;
+    for chunk in keys.chunks(PURGE_BATCH_KEYS) {
+        let ops = chunk
+            .iter()
+            .map(|(key, _)| MetaOp::Delete {
+                key: key.clone(),
+                expect: Expect::Any,
+            })
+            .collect();
+        meta.apply(ops)
+            .await
+            .map_err(|source| PurgeError::Meta { vdisk, source })?;
+    }
+    Ok(freed)
+}
+
 /// Counters of a vdisk.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct VdiskStats {
@@ -122,6 +190,8 @@ pub struct Vdisk<D: BlockDevice, M: MetadataStore> {
     rmw_lock: async_lock::Mutex<()>,
     stats: Cell<VdiskStats>,
     stopping: Cell<bool>,
+    /// Wakes an idle drain loop when the vdisk stops.
+    stopped: event_listener::Event,
     /// Reusable 1 MiB bounce buffers (one per concurrent run; runs never cross an extent or a
     /// batch, both at most 1 MiB), so the I/O path does not allocate once warm.
     pool: RefCell<Vec<DmaBuf>>,
@@ -221,6 +291,7 @@ impl<D: BlockDevice, M: MetadataStore> Vdisk<D, M> {
             rmw_lock: async_lock::Mutex::new(()),
             stats: Cell::new(VdiskStats::default()),
             stopping: Cell::new(false),
+            stopped: event_listener::Event::new(),
             pool: RefCell::new(Vec::new()),
         }))
     }
@@ -445,7 +516,11 @@ impl<D: BlockDevice, M: MetadataStore> Vdisk<D, M> {
     pub async fn drain_loop(self: Rc<Self>) {
         let mut backoff = std::time::Duration::from_millis(100);
         while !self.stopping.get() {
-            self.oplog.wait_for_work().await;
+            let stop = self.stopped.listen();
+            if self.stopping.get() {
+                return;
+            }
+            futures_lite::future::or(self.oplog.wait_for_work(), stop).await;
             // Each cycle costs a flush and a metadata commit: let batches accumulate rather
             // than draining every write (which would cost more than the write itself), unless
             // the oplog fills up.
@@ -476,9 +551,10 @@ impl<D: BlockDevice, M: MetadataStore> Vdisk<D, M> {
         }
     }
 
-    /// Stops the drain loop after its current cycle.
+    /// Stops the drain loop after its current cycle (at once when it is idle).
     pub fn stop(&self) {
         self.stopping.set(true);
+        self.stopped.notify(usize::MAX);
     }
 
     /// Drains one cycle of up to [`DRAIN_BATCH_BLOCKS`]; returns the blocks written.

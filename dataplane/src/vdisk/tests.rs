@@ -51,6 +51,18 @@ async fn open<D: BlockDevice>(
         .expect("open vdisk")
 }
 
+/// A freshly formatted 64 MiB in-memory device.
+async fn formatted_mem_device() -> Rc<MemDevice> {
+    let dev = Rc::new(MemDevice::new("vd", 64 << 20, 4096));
+    BlockStore::format(dev.clone(), &format_opts())
+        .await
+        .unwrap()
+        .close()
+        .await
+        .unwrap();
+    dev
+}
+
 fn fill(rng: &mut ChaCha8Rng, len: usize) -> Vec<u8> {
     let mut v = vec![0u8; len];
     rng.fill(&mut v[..]);
@@ -61,13 +73,7 @@ fn fill(rng: &mut ChaCha8Rng, len: usize) -> Vec<u8> {
 fn random_io_matches_model_with_drains() {
     block_on(async {
         let mut rng = ChaCha8Rng::seed_from_u64(7);
-        let dev = Rc::new(MemDevice::new("vd", 64 << 20, 4096));
-        BlockStore::format(dev.clone(), &format_opts())
-            .await
-            .unwrap()
-            .close()
-            .await
-            .unwrap();
+        let dev = formatted_mem_device().await;
         let meta = Rc::new(MemMetadataStore::new());
         let vd = open(dev.clone(), meta.clone()).await;
         let mut model = vec![0u8; DISK as usize];
@@ -313,4 +319,61 @@ fn device_errors_never_return_wrong_data() {
             }
         });
     }
+}
+
+#[test]
+fn purge_releases_a_deleted_vdisk_and_nothing_else() {
+    block_on(async {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        let dev = formatted_mem_device().await;
+        let store = Rc::new(BlockStore::open(dev.clone()).await.unwrap());
+        let meta = Rc::new(MemMetadataStore::new());
+        let keep = Vdisk::open(store.clone(), meta.clone(), cache(), cfg())
+            .await
+            .unwrap();
+        let doomed = Vdisk::open(
+            store.clone(),
+            meta.clone(),
+            cache(),
+            VdiskConfig {
+                oplog_cap_bytes: 16 << 20,
+                ..VdiskConfig::new(2, "vd1", DISK)
+            },
+        )
+        .await
+        .unwrap();
+        let a = fill(&mut rng, 256 << 10);
+        keep.write(0, &a, false).await.unwrap();
+        for vd in [&keep, &doomed] {
+            vd.write(1 << 20, &fill(&mut rng, 64 << 10), false)
+                .await
+                .unwrap();
+            vd.drain_all().await.unwrap();
+            // Undrained oplog data too.
+            vd.write(4 << 20, &fill(&mut rng, 8 << 10), false)
+                .await
+                .unwrap();
+        }
+        let used = |v: u64| {
+            store
+                .egroups()
+                .iter()
+                .filter(|e| (e.egid & !oplog::OPLOG_EGID_BIT) >> 24 == v)
+                .count()
+        };
+        let (keep_groups, doomed_groups) = (used(1), used(2));
+        assert!(doomed_groups >= 2, "oplog and extent groups");
+        doomed.stop();
+        let freed = purge(&store, &*meta, 2).await.unwrap();
+        assert_eq!(freed, doomed_groups);
+        assert_eq!(used(2), 0);
+        assert_eq!(used(1), keep_groups);
+        assert!(meta.scan(b"v/0000000000000002/").await.unwrap().is_empty());
+        assert!(!meta.scan(b"v/0000000000000001/").await.unwrap().is_empty());
+        // Repeating it is harmless.
+        assert_eq!(purge(&store, &*meta, 2).await.unwrap(), 0);
+        let mut back = vec![0u8; a.len()];
+        keep.read(0, &mut back).await.unwrap();
+        assert!(back == a);
+    });
 }
