@@ -212,6 +212,12 @@ pub struct ControlplaneRunArgs {
     /// Metadata shards (same on every node).
     #[arg(long, default_value_t = controlplane::server::DEFAULT_METADATA_SHARDS)]
     shards: u32,
+    /// This node's block (chassis), for failure-domain aware placement.
+    #[arg(long, default_value = "")]
+    block: String,
+    /// This node's rack.
+    #[arg(long, default_value = "")]
+    rack: String,
 }
 
 /// `cairn controlplane ...`.
@@ -772,6 +778,8 @@ pub fn controlplane(c: ControlplaneCommand) -> anyhow::Result<()> {
     options.peers = peers;
     options.join = a.join;
     options.metadata_shards = a.shards;
+    options.block = a.block.clone();
+    options.rack = a.rack.clone();
     let signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,

@@ -8,6 +8,8 @@
 //! grpc_port = 7100            # control plane (raft groups, cairn CLI)
 //! # advertise = "10.0.0.5:7100" # control address others reach this node at
 //! # peers = ["1=10.0.0.5:7100", "2=10.0.0.6:7100", "3=10.0.0.7:7100"]  # founding voters
+//! # block = "b1"              # failure domains: raft voters are spread over blocks and racks
+//! # rack = "r1"
 //! # join = false              # true: wait for `cairn node add` instead of forming a cluster
 //! metadata_shards = 4         # same on every node
 //! cores = 0                   # data-plane executors; 0 = one per online CPU
@@ -166,6 +168,12 @@ pub struct NodeConfig {
     /// empty: a single-node cluster.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<String>,
+    /// Block (chassis) of this node, for failure-domain aware placement.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub block: String,
+    /// Rack of this node.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub rack: String,
     /// Wait to be added with `cairn node add` instead of forming a cluster.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub join: bool,
@@ -225,6 +233,8 @@ impl NodeConfig {
             grpc_port: DEFAULT_GRPC_PORT,
             advertise: None,
             peers: Vec::new(),
+            block: String::new(),
+            rack: String::new(),
             join: false,
             metadata_shards: default_shards(),
             cores: 0,

@@ -260,6 +260,8 @@ pub fn run(args: RunArgs) -> Result<()> {
     options.peers = founders.clone();
     options.join = cfg.join;
     options.metadata_shards = cfg.metadata_shards;
+    options.block = cfg.block.clone();
+    options.rack = cfg.rack.clone();
     let cp = ControlPlane::start(options).context("starting the control plane")?;
     let control = cp.local_addr();
     let forms_cluster = !cfg.join && founders.keys().next().is_none_or(|&id| id == cfg.node_id);

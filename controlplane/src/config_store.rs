@@ -461,6 +461,40 @@ impl ConfigStore {
         .await
     }
 
+    /// Sets a node's failure domain (block, rack); `NotFound` for an unknown node. Returns the
+    /// config version written (or the record's version when it already had that domain).
+    pub async fn set_node_domain(
+        &self,
+        node_id: NodeId,
+        block: &str,
+        rack: &str,
+    ) -> Result<u64, ConfigError> {
+        let name = node_id.to_string();
+        self.retrying(RecordKind::Node, &name, || async {
+            let Some(found) = self.read::<NodeRecord>(&node_key(node_id)).await? else {
+                return Err(ConfigError::NotFound {
+                    kind: RecordKind::Node,
+                    name: name.clone(),
+                });
+            };
+            if found.record.block == block && found.record.rack == rack {
+                return Ok(Attempt::Done(found.version));
+            }
+            let record = NodeRecord {
+                block: block.to_string(),
+                rack: rack.to_string(),
+                ..found.record
+            };
+            self.commit(vec![KvOp::Put {
+                key: node_key(node_id),
+                value: encode(&record),
+                expect: Expect::Version(found.version),
+            }])
+            .await
+        })
+        .await
+    }
+
     /// Every node, by id.
     pub async fn nodes(&self) -> Result<Vec<Stored<NodeRecord>>, ConfigError> {
         self.list(b"node/").await

@@ -34,6 +34,7 @@ pub mod group;
 pub mod grpc;
 pub mod kv;
 pub mod network;
+pub mod placement;
 pub mod ring;
 pub mod server;
 pub mod status;

@@ -69,6 +69,7 @@ use crate::config_store::{
 };
 use crate::grpc::{GrpcTransport, RaftGrpcService};
 use crate::kv::{Expect, KvOp, Versioned};
+use crate::placement::{NodePlace, plan_voters};
 use crate::status::{FORWARDED_KEY, RETRYABLE_KEY, ServeError, config_error, group_error};
 use crate::{
     ConfigStore, GroupError, GroupId, GroupOptions, MetadataRing, NodeId, RaftGroup, RaftRegistry,
@@ -91,12 +92,17 @@ pub const RECONCILE_INTERVAL_MS: u64 = 1_000;
 pub const CATCH_UP_SLACK_ENTRIES: u64 = 16;
 /// How long a status probe of another node may take, ms.
 pub const PROBE_TIMEOUT_MS: u64 = 700;
+/// A node no probe has reached for this long is down: the groups it votes in give its seat to
+/// a caught-up node, and take it back when it returns, ms.
+pub const VOTER_DOWN_AFTER_MS: u64 = 10_000;
 /// How long a forwarded call may take end to end, ms (above the groups' write timeout).
 pub const FORWARD_TIMEOUT_MS: u64 = 10_000;
 /// How long a shutdown waits for clients to close their connections, ms.
 pub const SHUTDOWN_GRACE_MS: u64 = 1_000;
 /// Config key of the [`ClusterRecord`].
 pub const CLUSTER_KEY: &[u8] = b"cluster";
+/// Config key marking that the founding members were recorded as nodes.
+pub const FOUNDERS_KEY: &[u8] = b"founders";
 
 /// How to start a node's control plane.
 #[derive(Debug, Clone)]
@@ -120,6 +126,10 @@ pub struct ControlPlaneOptions {
     /// Devices this node reports (capacity by tier in cluster status); see
     /// [`ControlPlaneHandle::set_devices`].
     pub devices: Vec<pb::DeviceInfo>,
+    /// This node's block (chassis), for failure-domain aware voter placement; empty: unknown.
+    pub block: String,
+    /// This node's rack; empty: unknown.
+    pub rack: String,
     /// Raft timing of every group (production constants of [`crate::group`] by default).
     pub group_options: fn(NodeId, GroupId) -> GroupOptions,
 }
@@ -140,6 +150,8 @@ impl ControlPlaneOptions {
             metadata_shards: DEFAULT_METADATA_SHARDS,
             worker_threads: 2,
             devices: Vec::new(),
+            block: String::new(),
+            rack: String::new(),
             group_options: GroupOptions::new,
         }
     }
@@ -419,6 +431,11 @@ struct Node {
     devices: Arc<Mutex<Vec<pb::DeviceInfo>>>,
     reconcile: Notify,
     config_tx: watch::Sender<Arc<ConfigView>>,
+    block: String,
+    rack: String,
+    /// When each other node last answered a probe.
+    last_seen: Mutex<HashMap<NodeId, std::time::Instant>>,
+    started: std::time::Instant,
 }
 
 type Opened = (
@@ -492,6 +509,10 @@ impl Node {
             devices: Arc::new(Mutex::new(o.devices)),
             reconcile: Notify::new(),
             config_tx,
+            block: o.block,
+            rack: o.rack,
+            last_seen: Mutex::new(HashMap::new()),
+            started: std::time::Instant::now(),
         });
         Ok((node, listener, config_rx))
     }
@@ -611,13 +632,23 @@ impl Node {
             return;
         };
         let config_metrics = self.config.group().metrics();
-        if nodes.is_empty() {
-            // Fresh cluster: the config leader records the founding members once.
+        let founded = matches!(
+            self.config
+                .group()
+                .get(FOUNDERS_KEY, ReadConsistency::Local)
+                .await,
+            Ok(Some(_))
+        );
+        if !founded {
+            // Fresh cluster: the config leader records the founding members once, with a
+            // marker in the same batch. Membership follows the records only after that, so a
+            // node added before it does not make the founders look removed.
             if config_metrics.state == ServerState::Leader {
-                let ops = config_metrics
+                let mut ops: Vec<KvOp> = config_metrics
                     .membership_config
                     .membership()
                     .nodes()
+                    .filter(|(id, _)| !nodes.iter().any(|s| s.record.node_id == **id))
                     .map(|(id, n)| KvOp::Put {
                         key: format!("node/{id:020}").into_bytes(),
                         value: postcard::to_allocvec(&NodeRecord {
@@ -630,25 +661,68 @@ impl Node {
                         .unwrap_or_default(),
                         expect: Expect::Absent,
                     })
-                    .collect::<Vec<_>>();
-                if !ops.is_empty() {
-                    let _ = self.config.group().apply(ops).await;
-                }
+                    .collect();
+                ops.push(KvOp::Put {
+                    key: FOUNDERS_KEY.to_vec(),
+                    value: vec![1],
+                    expect: Expect::Absent,
+                });
+                let _ = self.config.group().apply(ops).await;
             }
+            return;
+        }
+        let leads: Vec<&RaftGroup> = self
+            .all_groups()
+            .filter(|g| g.metrics().state == ServerState::Leader)
+            .collect();
+        if leads.is_empty() {
             return;
         }
         let fault_tolerance = match self.cluster_record(ReadConsistency::Local).await {
             Ok(Some(c)) => c.record.fault_tolerance,
             _ => 1,
         };
+        let infos = self.probe(&nodes).await;
+        let places: Vec<NodePlace> = nodes
+            .iter()
+            .map(|s| {
+                let r = &s.record;
+                NodePlace {
+                    node_id: r.node_id,
+                    block: r.block.clone(),
+                    rack: r.rack.clone(),
+                    up: self.is_up(r.node_id),
+                }
+            })
+            .collect();
+        // The config leader copies each node's own view of its failure domain into its record.
+        if config_metrics.state == ServerState::Leader {
+            for s in &nodes {
+                let r = &s.record;
+                let reported = if r.node_id == self.node_id {
+                    Some((self.block.clone(), self.rack.clone()))
+                } else {
+                    infos
+                        .get(&r.node_id)
+                        .map(|i| (i.block.clone(), i.rack.clone()))
+                };
+                if let Some((block, rack)) = reported
+                    && (block != r.block || rack != r.rack)
+                    && let Err(e) = self.config.set_node_domain(r.node_id, &block, &rack).await
+                {
+                    eprintln!(
+                        "cairn control plane: node {}: recording the domain of node {}: {e}",
+                        self.node_id, r.node_id
+                    );
+                }
+            }
+        }
         let wanted: BTreeMap<NodeId, String> = nodes
             .into_iter()
             .map(|s| (s.record.node_id, s.record.control_addr))
             .collect();
-        for group in self.all_groups() {
-            if group.metrics().state == ServerState::Leader
-                && let Err(e) = reconcile_group(group, &wanted, fault_tolerance).await
-            {
+        for group in leads {
+            if let Err(e) = reconcile_group(group, &wanted, &places, fault_tolerance).await {
                 eprintln!(
                     "cairn control plane: node {}: membership of group {}: {e}",
                     self.node_id,
@@ -656,6 +730,51 @@ impl Node {
                 );
             }
         }
+    }
+
+    /// Probes every other recorded node (what it reports about itself), noting who answered.
+    async fn probe(&self, nodes: &[Stored<NodeRecord>]) -> HashMap<NodeId, pb::NodeInfo> {
+        let mut probes = tokio::task::JoinSet::new();
+        for s in nodes {
+            let id = s.record.node_id;
+            if id == self.node_id {
+                continue;
+            }
+            let Ok(channel) = self.channel(&s.record.control_addr) else {
+                continue;
+            };
+            probes.spawn(async move {
+                let mut client = NodeServiceClient::new(channel);
+                let call = client.get_node_info(pb::GetNodeInfoRequest {});
+                let answer =
+                    tokio::time::timeout(Duration::from_millis(PROBE_TIMEOUT_MS), call).await;
+                (id, answer.ok().and_then(|r| r.ok()).map(|r| r.into_inner()))
+            });
+        }
+        let mut out = HashMap::new();
+        while let Some(Ok((id, info))) = probes.join_next().await {
+            if let Some(info) = info {
+                if let Ok(mut seen) = self.last_seen.lock() {
+                    seen.insert(id, std::time::Instant::now());
+                }
+                out.insert(id, info);
+            }
+        }
+        out
+    }
+
+    /// Whether `node` answered a probe recently (itself always; any node during this node's
+    /// first [`VOTER_DOWN_AFTER_MS`], before probes could tell).
+    fn is_up(&self, node: NodeId) -> bool {
+        let window = Duration::from_millis(VOTER_DOWN_AFTER_MS);
+        if node == self.node_id || self.started.elapsed() < window {
+            return true;
+        }
+        self.last_seen
+            .lock()
+            .ok()
+            .and_then(|seen| seen.get(&node).map(|t| t.elapsed() < window))
+            .unwrap_or(false)
     }
 
     // ---- helpers ---------------------------------------------------------------------------
@@ -716,10 +835,12 @@ impl Node {
     }
 }
 
-/// One membership step of `group` (led by this node) toward `wanted`.
+/// One membership step of `group` (led by this node) toward `wanted` (every recorded node),
+/// voters placed by [`plan_voters`].
 async fn reconcile_group(
     group: &RaftGroup,
     wanted: &BTreeMap<NodeId, String>,
+    places: &[NodePlace],
     fault_tolerance: u32,
 ) -> Result<(), String> {
     let m = group.metrics();
@@ -739,42 +860,26 @@ async fn reconcile_group(
     let target = voter_target(wanted.len(), fault_tolerance);
     let last = m.last_log_index.unwrap_or(0);
     let replication = m.replication.clone().unwrap_or_default();
-    let caught_up = |id: &NodeId| {
-        *id == group.node_id()
+    let caught_up = |id: NodeId| {
+        id == group.node_id()
             || replication
-                .get(id)
+                .get(&id)
                 .copied()
                 .flatten()
                 .is_some_and(|l| l.index + CATCH_UP_SLACK_ENTRIES >= last)
     };
-    let mut desired: BTreeSet<NodeId> = voters
-        .iter()
-        .copied()
-        .filter(|id| wanted.contains_key(id))
-        .collect();
-    while desired.len() > target {
-        let drop = desired
-            .iter()
-            .rev()
-            .copied()
-            .find(|id| *id != group.node_id());
-        match drop {
-            Some(id) => desired.remove(&id),
-            None => break,
-        };
-    }
-    if desired.len() < target {
-        let candidates: Vec<NodeId> = wanted
-            .keys()
-            .copied()
-            .filter(|id| !desired.contains(id) && caught_up(id))
-            .take(target - desired.len())
-            .collect();
-        if desired.len() + candidates.len() == target || desired.is_empty() {
-            desired.extend(candidates);
-        }
-    }
-    if !desired.is_empty() && desired != voters {
+    let desired = plan_voters(
+        group.group_id(),
+        places,
+        &voters,
+        group.node_id(),
+        target,
+        caught_up,
+    );
+    // Growth waits until it can be whole (never 1 -> 2 on the way to 3: two voters tolerate no
+    // failure); replacing or dropping voters happens one plan at a time.
+    let partial_growth = desired.len() < target && desired.len() > voters.len();
+    if !partial_growth && desired != voters {
         raft.change_membership(ChangeMembers::ReplaceAllVoters(desired.clone()), true)
             .await
             .map_err(|e| format!("voters {voters:?} -> {desired:?}: {e}"))?;
@@ -1084,32 +1189,18 @@ impl Service {
             .nodes()
             .map(|(id, _)| *id)
             .collect();
-        let mut probes = tokio::task::JoinSet::new();
-        for s in &view.nodes {
-            let id = s.record.node_id;
-            if id == n.node_id {
-                continue;
-            }
-            let channel = n.channel(&s.record.control_addr);
-            probes.spawn(async move {
-                let info = async {
-                    let mut client = NodeServiceClient::new(channel.ok()?);
-                    client
-                        .get_node_info(pb::GetNodeInfoRequest {})
-                        .await
-                        .ok()
-                        .map(|r| r.into_inner())
-                };
-                let info =
-                    tokio::time::timeout(Duration::from_millis(PROBE_TIMEOUT_MS), info).await;
-                (id, info.ok().flatten())
-            });
-        }
-        let mut infos: BTreeMap<NodeId, Option<pb::NodeInfo>> = BTreeMap::new();
+        let mut infos: BTreeMap<NodeId, Option<pb::NodeInfo>> = view
+            .nodes
+            .iter()
+            .map(|s| (s.record.node_id, None))
+            .collect();
+        infos.extend(
+            n.probe(&view.nodes)
+                .await
+                .into_iter()
+                .map(|(id, i)| (id, Some(i))),
+        );
         infos.insert(n.node_id, Some(self.node_info()));
-        while let Some(Ok((id, info))) = probes.join_next().await {
-            infos.insert(id, info);
-        }
         let mut capacity: BTreeMap<String, (u64, u64)> = BTreeMap::new();
         let nodes = view
             .nodes
@@ -1163,6 +1254,8 @@ impl Service {
             version: env!("CARGO_PKG_VERSION").to_string(),
             schema_versions: cairn_proto::SCHEMA_VERSIONS.to_vec(),
             devices: self.0.devices.lock().map(|d| d.clone()).unwrap_or_default(),
+            block: self.0.block.clone(),
+            rack: self.0.rack.clone(),
         }
     }
 
