@@ -32,6 +32,10 @@ pub enum BenchCommand {
     /// whole data area, prefills every slice for reads (not timed), then runs --qd concurrent
     /// tasks for --runtime seconds. Prints one `key=value` line (or JSON with --json).
     Blockstore(BlockstoreArgs),
+    /// Metadata commit throughput and latency of a running cluster: concurrent batches of
+    /// block-map updates through the gRPC metadata service (see perf/metadata.sh). Prints one
+    /// `key=value` line (or JSON with --json).
+    Metadata(crate::bench_meta::MetadataArgs),
 }
 
 /// Arguments of `cairn bench blockstore`.
@@ -130,6 +134,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
             }
             Ok(())
         }
+        BenchCommand::Metadata(args) => crate::bench_meta::run(args),
     }
 }
 

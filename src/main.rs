@@ -4,6 +4,7 @@
 //! `cairn bench` measures layers in process. Cluster commands arrive with the control plane.
 
 mod bench;
+mod bench_meta;
 mod cluster_cmd;
 mod config;
 mod device_cmd;
