@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A local multi-node control-plane cluster on loopback, for trying failures by hand and in tests.
+# A local multi-node cluster on loopback, for trying failures by hand and in tests.
 #
 #   scripts/cluster.sh up N        start nodes 1..N as founding voters (127.0.0.<i+1>:<7110+i>)
 #   scripts/cluster.sh kill I      kill -9 node I
@@ -11,6 +11,12 @@
 #   scripts/cluster.sh endpoints   the comma-separated endpoints (for --endpoint)
 #   scripts/cluster.sh down        kill every node, heal every partition, delete the state
 #
+# Each node is a full `cairn node run` (control plane and data plane, one unpinned data-plane
+# core, a sparse 4 GiB device file in its data dir) with its config in n<i>/node.toml; node 1
+# creates the cluster with a 1 GiB vdisk vd0 (RF2 container). Node i serves NBD on
+# 127.0.0.<i+1>:10809 and iSCSI on 127.0.0.<i+1>:3260. CAIRN_CLUSTER_MODE=controlplane runs
+# `cairn controlplane run` processes instead (no data plane).
+#
 # Node i listens on its own loopback address 127.0.0.<i+1> and its outgoing raft connections
 # leave from it, so a partition is two iptables rules per peer on address pairs: node I and the
 # other nodes stop hearing each other, while operators' commands from 127.0.0.1 still reach
@@ -18,12 +24,13 @@
 #
 # Environment: CAIRN_BIN (default: target/debug/cairn under $CARGO_TARGET_DIR or ./target),
 # CAIRN_CLUSTER_DIR (default /tmp/cairn-cluster), CAIRN_CLUSTER_BASE_PORT (default 7110),
-# CAIRN_CLUSTER_SHARDS (metadata shards, default 4).
+# CAIRN_CLUSTER_SHARDS (metadata shards, default 4), CAIRN_CLUSTER_MODE (node|controlplane).
 set -euo pipefail
 
 DIR=${CAIRN_CLUSTER_DIR:-/tmp/cairn-cluster}
 BASE_PORT=${CAIRN_CLUSTER_BASE_PORT:-7110}
 SHARDS=${CAIRN_CLUSTER_SHARDS:-4}
+MODE=${CAIRN_CLUSTER_MODE:-node}
 BIN=${CAIRN_BIN:-${CARGO_TARGET_DIR:-$(dirname "$0")/../target}/debug/cairn}
 TAG=cairn-cluster
 
@@ -54,10 +61,40 @@ start_node() {
     local i=$1
     alive "$i" && die "node $i is running (pid $(pid_of "$i"))"
     mkdir -p "$DIR/n$i"
-    "$BIN" controlplane run --data-dir "$DIR/n$i/data" --listen "$(addr_of "$i")" \
-        --node-id "$i" --peers "$(peers)" --shards "$SHARDS" >>"$DIR/n$i/log" 2>&1 &
+    if [ "$MODE" = controlplane ]; then
+        "$BIN" controlplane run --data-dir "$DIR/n$i/data" --listen "$(addr_of "$i")" \
+            --node-id "$i" --peers "$(peers)" --shards "$SHARDS" >>"$DIR/n$i/log" 2>&1 &
+    else
+        [ -f "$DIR/n$i/node.toml" ] || node_config "$i" >"$DIR/n$i/node.toml"
+        "$BIN" node run --data-dir "$DIR/n$i/data" --config "$DIR/n$i/node.toml" \
+            >>"$DIR/n$i/log" 2>&1 &
+    fi
     echo $! >"$DIR/n$i/pid"
     echo "node $i: pid $!, $(addr_of "$i"), log $DIR/n$i/log"
+}
+
+node_config() {
+    local i=$1 p list=""
+    for p in $(peers | tr ',' ' '); do list+="${list:+, }\"$p\""; done
+    cat <<EOF
+node_id = $i
+listen = "$(ip_of "$i")"
+grpc_port = $(port_of "$i")
+peers = [$list]
+metadata_shards = $SHARDS
+cores = 1
+pin_cores = false
+cache_size = "64MiB"
+
+[[device]]
+path = "dev0.img"
+size = "4GiB"
+tier = "ssd"
+
+[[vdisk]]
+name = "vd0"
+size = "1GiB"
+EOF
 }
 
 iptables_rules() { # $1 = -A or -D, $2 = node

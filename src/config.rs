@@ -13,6 +13,7 @@
 //! # join = false              # true: wait for `cairn node add` instead of forming a cluster
 //! metadata_shards = 4         # same on every node
 //! cores = 0                   # data-plane executors; 0 = one per online CPU
+//! pin_cores = true            # pin executor i to CPU i (false: several nodes on one machine)
 //! cache_size = "256MiB"       # unified read cache of the node (split between its cores)
 //! oplog_cap = "6GiB"          # per vdisk
 //!
@@ -183,6 +184,9 @@ pub struct NodeConfig {
     /// Data-plane executors (0: one per online CPU).
     #[serde(default)]
     pub cores: usize,
+    /// Pin executor `i` to CPU `i` (turn off when several nodes share a machine).
+    #[serde(default = "default_true")]
+    pub pin_cores: bool,
     /// Unified read cache of the node (each core holds its share).
     #[serde(default = "default_cache")]
     pub cache_size: Size,
@@ -197,6 +201,9 @@ pub struct NodeConfig {
     pub vdisks: Vec<VdiskEntry>,
 }
 
+fn default_true() -> bool {
+    true
+}
 fn default_node_id() -> u64 {
     1
 }
@@ -238,6 +245,7 @@ impl NodeConfig {
             join: false,
             metadata_shards: default_shards(),
             cores: 0,
+            pin_cores: true,
             cache_size: default_cache(),
             oplog_cap: default_oplog_cap(),
             devices: vec![DeviceConfig {

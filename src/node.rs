@@ -317,7 +317,7 @@ pub fn run(args: RunArgs) -> Result<()> {
             hints: hints.clone(),
         };
         let events = events_tx.clone();
-        let placement = if core < online {
+        let placement = if cfg.pin_cores && core < online {
             Placement::Fixed(core)
         } else {
             Placement::Unbound
