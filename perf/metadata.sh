@@ -14,7 +14,7 @@ cells=${CELLS:-"1:1 1:8 1:32 64:1 64:8 64:32 64:8:cas 256:8"}
 stamp=$(date -u +%Y-%m-%dT%H%M%SZ)
 out=perf/results/metadata-$stamp.md
 dir=$(mktemp -d /var/tmp/cairn-meta-perf.XXXXXX)
-export CAIRN_CLUSTER_DIR=$dir/cluster CAIRN_BIN=$PWD/target/release/cairn
+export CAIRN_CLUSTER_DIR=$dir/cluster CAIRN_BIN=$PWD/target/release/cairn CAIRN_CLUSTER_MODE=controlplane
 export CAIRN_CLUSTER_BASE_PORT=$((17000 + RANDOM % 2000))
 cleanup() { bash scripts/cluster.sh down >/dev/null 2>&1 || true; rm -rf "$dir"; }
 trap cleanup EXIT
