@@ -249,6 +249,76 @@ fn print_history(key: &[u8], ops: &[Op], marked: &BTreeSet<usize>) -> String {
     out
 }
 
+/// Waits for the clients and splits what they recorded per key.
+fn collect_histories(
+    rt: &tokio::runtime::Runtime,
+    clients: Vec<tokio::task::JoinHandle<(ClientHistory, Tally)>>,
+    keys: usize,
+) -> (Vec<Vec<Op>>, Tally) {
+    let mut per_key: Vec<Vec<Op>> = vec![Vec::new(); keys];
+    let mut tally = Tally::default();
+    for c in clients {
+        let (history, t) = rt.block_on(c).unwrap();
+        for (k, op) in history {
+            per_key[k].push(op);
+        }
+        tally.reads += t.reads;
+        tally.reads_failed += t.reads_failed;
+        tally.written += t.written;
+        tally.conflicts += t.conflicts;
+        tally.indeterminate += t.indeterminate;
+    }
+    (per_key, tally)
+}
+
+/// Checks each key's history (each must have at least `min_applied` applied writes); on a
+/// violation, writes the key's history to a file and panics with the operations that matter.
+/// Returns the number of operations checked.
+fn check_histories(keys: &[Vec<u8>], per_key: &[Vec<Op>], min_applied: usize) -> usize {
+    for (k, history) in per_key.iter().enumerate() {
+        let applied = history
+            .iter()
+            .filter(|o| matches!(o.output, RegisterOutput::Written { .. }))
+            .count();
+        assert!(
+            applied >= min_applied,
+            "key {k}: only {applied} writes applied: the workload tests nothing"
+        );
+        match linearizability::check(&VersionedRegister, history, CHECK_BUDGET_STEPS) {
+            Ok(()) => {}
+            Err(CheckError::NotLinearizable {
+                linearized, stuck, ..
+            }) => {
+                let dump = std::env::temp_dir().join(format!(
+                    "cairn-linearizability-{}-key{k}.txt",
+                    std::process::id()
+                ));
+                let marked: BTreeSet<usize> = [stuck].into();
+                std::fs::write(&dump, print_history(&keys[k], history, &marked)).unwrap();
+                let last: Vec<String> = linearized
+                    .iter()
+                    .rev()
+                    .take(8)
+                    .rev()
+                    .map(|&i| format!("#{i} {:?} -> {:?}", history[i].input, history[i].output))
+                    .collect();
+                panic!(
+                    "key {}: NOT linearizable: {} of {} operations ordered, then #{stuck} {:?} -> {:?} (client {}) has no place; last ordered: {last:#?}; full history in {}",
+                    String::from_utf8_lossy(&keys[k]),
+                    linearized.len(),
+                    history.len(),
+                    history[stuck].input,
+                    history[stuck].output,
+                    history[stuck].client,
+                    dump.display()
+                );
+            }
+            Err(e) => panic!("key {}: {e}", String::from_utf8_lossy(&keys[k])),
+        }
+    }
+    per_key.iter().map(Vec::len).sum()
+}
+
 #[test]
 fn metadata_cas_history_is_linearizable_across_leader_kills_and_a_partition() {
     let t0 = Instant::now();
@@ -289,109 +359,80 @@ fn metadata_cas_history_is_linearizable_across_leader_kills_and_a_partition() {
         .collect();
     let at = |what: &str| eprintln!("[{:6.2} s] {what}", start.elapsed().as_secs_f64());
 
-    // Faults, one at a time, each followed by recovery.
+    // Faults, one at a time, each followed by recovery; CAIRN_HISTORY_ROUNDS=n repeats them
+    // (soak runs; later rounds partition a follower of shard 1 instead of its leader).
+    let rounds: usize = std::env::var("CAIRN_HISTORY_ROUNDS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(1);
     std::thread::sleep(Duration::from_secs(3));
     let mut kills = 0;
-    for group in [1u64, 2] {
-        let s = wait_settled(&nodes, 3);
-        let victim = leaders(&s)[&group];
-        at(&format!(
-            "kill -9 node {victim} (leads groups {:?})",
-            groups_led_by(&s, victim)
-        ));
-        nodes[victim as usize - 1].kill();
-        kills += 1;
-        let s = wait_settled(&nodes, 3);
-        at(&format!("survivors elected leaders {:?}", leaders(&s)));
-        std::thread::sleep(Duration::from_secs(2));
-        nodes[victim as usize - 1].restart();
-        at(&format!("node {victim} restarted"));
-        wait_settled(&nodes, 3);
-        at("settled");
-        std::thread::sleep(Duration::from_secs(2));
-    }
     let mut cuts = 0;
-    if partitions {
-        let s = wait_settled(&nodes, 3);
-        let victim = leaders(&s)[&1] as usize;
-        let others: Vec<&str> = (0..3)
-            .filter(|&i| i != victim - 1)
-            .map(|i| ips[i])
-            .collect();
-        at(&format!(
-            "partition node {victim} (leads groups {:?}) from the others",
-            groups_led_by(&s, victim as u64)
-        ));
-        let cut = Partition::cut(ips[victim - 1], &others);
-        cuts += 1;
-        std::thread::sleep(Duration::from_secs(7));
-        cut.heal();
-        at("healed");
-        wait_settled(&nodes, 3);
-        at("settled");
+    for round in 0..rounds {
+        for group in [1u64, 2] {
+            let s = wait_settled(&nodes, 3);
+            let victim = leaders(&s)[&group];
+            at(&format!(
+                "kill -9 node {victim} (leads groups {:?})",
+                groups_led_by(&s, victim)
+            ));
+            nodes[victim as usize - 1].kill();
+            kills += 1;
+            let s = wait_settled(&nodes, 3);
+            at(&format!("survivors elected leaders {:?}", leaders(&s)));
+            std::thread::sleep(Duration::from_secs(2));
+            nodes[victim as usize - 1].restart();
+            at(&format!("node {victim} restarted"));
+            wait_settled(&nodes, 3);
+            at("settled");
+            std::thread::sleep(Duration::from_secs(2));
+        }
+        if partitions {
+            let s = wait_settled(&nodes, 3);
+            let leader = leaders(&s)[&1] as usize;
+            let victim = if round % 2 == 0 {
+                leader
+            } else {
+                leader % 3 + 1
+            };
+            let others: Vec<&str> = (0..3)
+                .filter(|&i| i != victim - 1)
+                .map(|i| ips[i])
+                .collect();
+            at(&format!(
+                "partition node {victim} (leads groups {:?}) from the others",
+                groups_led_by(&s, victim as u64)
+            ));
+            let cut = Partition::cut(ips[victim - 1], &others);
+            cuts += 1;
+            std::thread::sleep(Duration::from_secs(7));
+            cut.heal();
+            at("healed");
+            wait_settled(&nodes, 3);
+            at("settled");
+        }
     }
     std::thread::sleep(Duration::from_secs(3));
     stop.store(true, Ordering::Relaxed);
-    let mut per_key: Vec<Vec<Op>> = vec![Vec::new(); keys.len()];
-    let mut tally = Tally::default();
-    for c in clients {
-        let (history, t) = rt.block_on(c).unwrap();
-        for (k, op) in history {
-            per_key[k].push(op);
-        }
-        tally.reads += t.reads;
-        tally.reads_failed += t.reads_failed;
-        tally.written += t.written;
-        tally.conflicts += t.conflicts;
-        tally.indeterminate += t.indeterminate;
-    }
+    let (per_key, tally) = collect_histories(&rt, clients, keys.len());
     let workload = start.elapsed();
     at(&format!("clients stopped: {tally:?}"));
-
     let checking = Instant::now();
-    let ops: usize = per_key.iter().map(Vec::len).sum();
-    for (k, history) in per_key.iter().enumerate() {
-        let applied = history
-            .iter()
-            .filter(|o| matches!(o.output, RegisterOutput::Written { .. }))
-            .count();
-        assert!(
-            applied >= 5,
-            "key {k}: only {applied} writes applied: the workload tests nothing"
-        );
-        match linearizability::check(&VersionedRegister, history, CHECK_BUDGET_STEPS) {
-            Ok(()) => {}
-            Err(CheckError::NotLinearizable {
-                linearized, stuck, ..
-            }) => {
-                let dump = std::env::temp_dir().join(format!(
-                    "cairn-linearizability-{}-key{k}.txt",
-                    std::process::id()
-                ));
-                let marked: BTreeSet<usize> = [stuck].into();
-                std::fs::write(&dump, print_history(&keys[k], history, &marked)).unwrap();
-                let last: Vec<String> = linearized
-                    .iter()
-                    .rev()
-                    .take(8)
-                    .rev()
-                    .map(|&i| format!("#{i} {:?} -> {:?}", history[i].input, history[i].output))
-                    .collect();
-                panic!(
-                    "key {}: NOT linearizable: {} of {} operations ordered, then #{stuck} {:?} -> {:?} (client {}) has no place; last ordered: {last:#?}; full history in {}",
-                    String::from_utf8_lossy(&keys[k]),
-                    linearized.len(),
-                    history.len(),
-                    history[stuck].input,
-                    history[stuck].output,
-                    history[stuck].client,
-                    dump.display()
-                );
-            }
-            Err(e) => panic!("key {}: {e}", String::from_utf8_lossy(&keys[k])),
-        }
-    }
+    let ops = check_histories(&keys, &per_key, 5);
     let teeth = stale_read_refused(&per_key);
+    // Availability, for the record: the longest time no operation completed.
+    let mut completions: Vec<u64> = per_key
+        .iter()
+        .flatten()
+        .filter_map(|o| o.return_ns)
+        .collect();
+    completions.sort_unstable();
+    let longest_gap_s = completions
+        .windows(2)
+        .map(|w| w[1] - w[0])
+        .max()
+        .unwrap_or(0) as f64
+        / 1e9;
     println!(
         "linearizability: {ops} ops ({} indeterminate) on {} keys, {kills} leader kills, {cuts} partition{}: linearizable \
          ({} reads, {} applied writes, {} conflicts, {} failed reads left out; workload {:.1} s, check {:.2} s, total {:.1} s)",
@@ -406,7 +447,9 @@ fn metadata_cas_history_is_linearizable_across_leader_kills_and_a_partition() {
         checking.elapsed().as_secs_f64(),
         t0.elapsed().as_secs_f64()
     );
-    println!("linearizability: {teeth}");
+    println!(
+        "linearizability: {teeth}; longest time without a completed operation {longest_gap_s:.1} s"
+    );
 }
 
 /// Shows the checker is not blind on this very history: one completed read is made to return
@@ -656,12 +699,32 @@ fn node_add_and_remove_move_voters_and_lose_no_key() {
     assert_eq!(expected.len() as u64, VDISKS * KEYS_PER_VDISK + PLAIN_KEYS);
     assert_eq!(per_shard.len() as u64, SHARDS, "keys on every shard");
 
-    // A writer keeps writing through the membership changes.
+    // A writer keeps writing new keys through the membership changes, and CAS clients keep
+    // a history of a few more keys.
     let stop = Arc::new(AtomicBool::new(false));
     let writer = rt.spawn(live_writer(meta.clone(), stop.clone()));
+    let addr4 = free_addr("127.0.0.1");
+    let lin_keys = Arc::new(vec![
+        vdisk_key(555_555, "lin"),
+        vdisk_key(777_777, "lin"),
+        b"lin/membership".to_vec(),
+    ]);
+    let start = Instant::now();
+    let mut addrs: Vec<String> = nodes.iter().map(Node::endpoint).collect();
+    addrs.push(addr4.to_string());
+    let clients: Vec<_> = (0..CLIENTS / 2)
+        .map(|c| {
+            rt.spawn(run_client(
+                c,
+                addrs.clone(),
+                lin_keys.clone(),
+                stop.clone(),
+                start,
+            ))
+        })
+        .collect();
 
     let before = membership(&wait_settled(&nodes, 3));
-    let addr4 = free_addr("127.0.0.1");
     nodes.push(Node::start_with(4, dir.path(), addr4, SHARDS as u32, None));
     ok(
         &all,
@@ -741,6 +804,15 @@ fn node_add_and_remove_move_voters_and_lose_no_key() {
         .filter(|e| matches!(e, Expected::Exactly(_)))
         .count();
     let live_unknown = live.len() - live_acked;
+    let (per_key, tally) = collect_histories(&rt, clients, lin_keys.len());
+    let lin_ops = check_histories(&lin_keys, &per_key, 3);
+    println!(
+        "membership: linearizability: {lin_ops} ops ({} indeterminate) on {} keys through the add and the remove: linearizable",
+        tally.indeterminate,
+        lin_keys.len()
+    );
+    let not_lin =
+        |found: &mut BTreeMap<Vec<u8>, Versioned>| found.retain(|k, _| !lin_keys.contains(k));
     expected.extend(live);
 
     // Every remaining node answers every key, over gRPC.
@@ -754,8 +826,9 @@ fn node_add_and_remove_move_voters_and_lose_no_key() {
                     .retry_for(Duration::from_secs(10)),
             )
         };
-        let found: BTreeMap<Vec<u8>, Versioned> =
+        let mut found: BTreeMap<Vec<u8>, Versioned> =
             rt.block_on(one.scan(b"")).unwrap().into_iter().collect();
+        not_lin(&mut found);
         verify(&format!("node {id} (scan)"), &found, &expected);
         for (key, want) in expected.iter().step_by(25) {
             let got = rt.block_on(one.get(key)).unwrap();
@@ -801,6 +874,7 @@ fn node_add_and_remove_move_voters_and_lose_no_key() {
             .unwrap();
             found.extend(sm.reader().scan(b"").unwrap());
         }
+        not_lin(&mut found);
         unknown_applied = verify(&format!("replica on node {id}"), &found, &expected);
     }
     println!(
