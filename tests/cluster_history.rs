@@ -826,12 +826,21 @@ fn node_add_and_remove_move_voters_and_lose_no_key() {
                     .retry_for(Duration::from_secs(10)),
             )
         };
-        let mut found: BTreeMap<Vec<u8>, Versioned> =
-            rt.block_on(one.scan(b"")).unwrap().into_iter().collect();
+        let mut found: BTreeMap<Vec<u8>, Versioned> = rt
+            .block_on(one.scan(b""))
+            .unwrap_or_else(|e| panic!("node {id}: scan: {e}; status {:#?}", try_status(&ep)))
+            .into_iter()
+            .collect();
         not_lin(&mut found);
         verify(&format!("node {id} (scan)"), &found, &expected);
         for (key, want) in expected.iter().step_by(25) {
-            let got = rt.block_on(one.get(key)).unwrap();
+            let got = rt.block_on(one.get(key)).unwrap_or_else(|e| {
+                panic!(
+                    "node {id}: get {}: {e}; status {:#?}",
+                    String::from_utf8_lossy(key),
+                    try_status(&ep)
+                )
+            });
             if let Expected::Exactly(w) = want {
                 assert_eq!(got.as_ref(), Some(w), "node {id}: get");
             }
