@@ -8,156 +8,11 @@
 //! * three nodes, iptables (root only, skipped loudly otherwise): a partitioned minority
 //!   commits nothing, the majority goes on, and the minority catches up after healing.
 
-use std::net::{SocketAddr, TcpListener};
-use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+mod common;
+
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
-const BIN: &str = env!("CARGO_BIN_EXE_cairn");
-
-/// A `cairn controlplane run` process, killed with -9 when dropped.
-struct Node {
-    id: u64,
-    addr: SocketAddr,
-    child: Option<Child>,
-    args: Vec<String>,
-}
-
-impl Node {
-    fn start(id: u64, dir: &Path, addr: SocketAddr, peers: &str) -> Self {
-        let mut args = vec![
-            "controlplane".to_string(),
-            "run".into(),
-            "--data-dir".into(),
-            dir.join(format!("n{id}")).display().to_string(),
-            "--listen".into(),
-            addr.to_string(),
-            "--node-id".into(),
-            id.to_string(),
-            "--shards".into(),
-            "2".into(),
-        ];
-        if !peers.is_empty() {
-            args.push("--peers".into());
-            args.push(peers.into());
-        }
-        let mut node = Node {
-            id,
-            addr,
-            child: None,
-            args,
-        };
-        node.restart();
-        node
-    }
-
-    fn restart(&mut self) {
-        let log = std::fs::File::create(std::env::temp_dir().join(format!(
-            "cairn-cluster-cli-{}-n{}.log",
-            self.addr.port(),
-            self.id
-        )))
-        .unwrap();
-        self.child = Some(
-            Command::new(BIN)
-                .args(&self.args)
-                .stdout(Stdio::null())
-                .stderr(log)
-                .spawn()
-                .expect("spawn cairn controlplane run"),
-        );
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn free_addr(ip: &str) -> SocketAddr {
-    TcpListener::bind(format!("{ip}:0"))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-/// Runs `cairn <args> --endpoint <endpoint>`.
-fn cairn(endpoint: &str, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .args(["--endpoint", endpoint])
-        .output()
-        .expect("run cairn")
-}
-
-fn ok(endpoint: &str, args: &[&str]) -> String {
-    let out = cairn(endpoint, args);
-    assert!(
-        out.status.success(),
-        "cairn {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
-
-fn json(endpoint: &str, args: &[&str]) -> Value {
-    let mut all = args.to_vec();
-    all.push("--json");
-    serde_json::from_str(&ok(endpoint, &all)).expect("--json output parses")
-}
-
-fn fails_with(endpoint: &str, args: &[&str], needle: &str) {
-    let out = cairn(endpoint, args);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "cairn {args:?} should fail");
-    assert!(
-        stderr.contains(needle),
-        "cairn {args:?}: expected {needle:?} in {stderr:?}"
-    );
-}
-
-/// Waits until every group has a leader as `endpoint` sees it.
-fn wait_healthy(endpoint: &str, voters: usize) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let out = cairn(
-            endpoint,
-            &["cluster", "status", "--json", "--retry-secs", "1"],
-        );
-        if out.status.success() {
-            let s: Value = serde_json::from_slice(&out.stdout).unwrap();
-            let groups = s["groups"].as_array().unwrap();
-            if groups.iter().all(|g| {
-                g["healthy"] == Value::Bool(true) && g["voters"].as_array().unwrap().len() == voters
-            }) {
-                return s;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "cluster at {endpoint} never became healthy"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn names(v: &Value) -> Vec<String> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["name"].as_str().unwrap().to_string())
-        .collect()
-}
+use common::*;
 
 #[test]
 fn single_node_config_commands_and_precise_errors() {
@@ -265,30 +120,6 @@ fn single_node_config_commands_and_precise_errors() {
     );
 }
 
-fn three_nodes(dir: &Path, ips: [&str; 3]) -> Vec<Node> {
-    let addrs: Vec<SocketAddr> = ips.iter().map(|ip| free_addr(ip)).collect();
-    let peers = addrs
-        .iter()
-        .enumerate()
-        .map(|(i, a)| format!("{}={a}", i + 1))
-        .collect::<Vec<_>>()
-        .join(",");
-    addrs
-        .iter()
-        .enumerate()
-        .map(|(i, a)| Node::start(i as u64 + 1, dir, *a, &peers))
-        .collect()
-}
-
-fn endpoints(nodes: &[Node], except: Option<u64>) -> String {
-    nodes
-        .iter()
-        .filter(|n| Some(n.id) != except)
-        .map(|n| n.addr.to_string())
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
 #[test]
 fn three_nodes_survive_kill_9_of_the_config_leader() {
     let dir = tempfile::tempdir().unwrap();
@@ -355,60 +186,9 @@ fn three_nodes_survive_kill_9_of_the_config_leader() {
     }
 }
 
-fn iptables(args: &[&str]) -> bool {
-    Command::new("iptables")
-        .args(args)
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-}
-
-/// Drops traffic between `ip` and each of `others` while alive.
-struct Partition {
-    rules: Vec<Vec<String>>,
-}
-
-impl Partition {
-    fn cut(ip: &str, others: &[&str]) -> Self {
-        let mut rules = Vec::new();
-        for o in others {
-            for (s, d) in [(ip, *o), (*o, ip)] {
-                let rule: Vec<String> = ["INPUT", "-s", s, "-d", d, "-j", "DROP"]
-                    .iter()
-                    .map(|x| x.to_string())
-                    .collect();
-                let mut add = vec!["-A".to_string()];
-                add.extend(rule.iter().cloned());
-                assert!(iptables(
-                    &add.iter().map(String::as_str).collect::<Vec<_>>()
-                ));
-                rules.push(rule);
-            }
-        }
-        Partition { rules }
-    }
-}
-
-impl Drop for Partition {
-    fn drop(&mut self) {
-        for rule in &self.rules {
-            let mut del = vec!["-D".to_string()];
-            del.extend(rule.iter().cloned());
-            iptables(&del.iter().map(String::as_str).collect::<Vec<_>>());
-        }
-    }
-}
-
 #[test]
 fn a_partitioned_minority_commits_nothing_and_catches_up_after_healing() {
-    if !iptables(&["-L", "INPUT", "-n"]) {
-        assert!(
-            std::env::var("CI").map_or(true, |v| v != "true"),
-            "iptables is required in CI (scripts/setup.sh installs it; tests run as root)"
-        );
-        eprintln!(
-            "!!!!!!!! SKIPPED: iptables is not usable here (needs root and the iptables package)"
-        );
+    if !iptables_usable("a_partitioned_minority_commits_nothing") {
         return;
     }
     let ips = ["127.0.0.61", "127.0.0.62", "127.0.0.63"];

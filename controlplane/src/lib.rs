@@ -18,6 +18,8 @@
 //!   tokio runtime, membership reconciliation, leader forwarding, metadata routing.
 //! * [`client`]: [`client::MetadataClient`] (the data plane's `MetadataStore` over gRPC) and
 //!   [`client::Endpoints`] (failover and safe retries); [`status`]: errors → gRPC statuses.
+//! * [`linearizability`]: a checker of recorded client histories against a model of one key,
+//!   used by the cluster tests that kill and partition nodes under concurrent CAS clients.
 //!
 //! All of it runs on tokio (the control plane's 1-2 threads); storage writes go to tokio's
 //! blocking pool so an fsync never stalls the other groups of the node.
@@ -33,6 +35,7 @@ pub mod config_store;
 pub mod group;
 pub mod grpc;
 pub mod kv;
+pub mod linearizability;
 pub mod network;
 pub mod placement;
 pub mod ring;
