@@ -75,6 +75,9 @@ pub fn vdisk_prefix(vdisk: u64) -> Vec<u8> {
     format!("v/{vdisk:016x}/").into_bytes()
 }
 
+/// Most new extent mappings committed in one metadata batch.
+pub const MAP_BATCH_KEYS: usize = 1024;
+
 fn extent_key(vdisk: u64, extent: u64) -> Vec<u8> {
     let mut k = vdisk_prefix(vdisk);
     k.extend_from_slice(b"x/");
@@ -223,50 +226,85 @@ impl<D: BlockDevice, M: MetadataStore> ExtentStore<D, M> {
         if let Some(loc) = self.lookup(extent) {
             return Ok(loc);
         }
-        let _guard = self.map_lock.lock().await;
-        if let Some(loc) = self.lookup(extent) {
-            return Ok(loc);
+        self.ensure_mapped_many([extent]).await?;
+        self.lookup(extent)
+            .ok_or(ExtentError::NoSpace { vdisk: self.vdisk })
+    }
+
+    /// Maps every extent of `extents` that is not mapped yet, with one block-store flush and one
+    /// metadata batch for all of them (a drain cycle maps hundreds of extents at once; one
+    /// commit each would cost a metadata round trip each).
+    pub async fn ensure_mapped_many(
+        &self,
+        extents: impl IntoIterator<Item = u64>,
+    ) -> Result<(), ExtentError> {
+        let mut wanted: Vec<u64> = extents
+            .into_iter()
+            .filter(|&e| self.lookup(e).is_none())
+            .collect();
+        if wanted.is_empty() {
+            return Ok(());
         }
+        let _guard = self.map_lock.lock().await;
+        wanted.retain(|&e| self.lookup(e).is_none());
+        wanted.sort_unstable();
+        wanted.dedup();
         let vdisk = self.vdisk;
         let err = |source| ExtentError::Store { vdisk, source };
-        let loc = match self.open.get() {
-            Some((egid, slot)) => {
-                // The slot may hold slices of a mapping that was never committed: clear them so
-                // unwritten blocks of the new extent read as zeros.
-                let first = u32::from(slot) * EXTENT_BLOCKS as u32;
-                self.store
-                    .trim_slices(egid, first, EXTENT_BLOCKS as u32)
-                    .await
-                    .map_err(err)?;
-                ExtentLoc { egid, slot }
-            }
-            None => loop {
-                let n = self.next_n.get();
-                self.next_n.set((n + 1) & 0x00FF_FFFF);
-                let egid = extent_egid(vdisk, n);
-                match self.store.allocate(egid) {
-                    Ok(()) => break ExtentLoc { egid, slot: 0 },
-                    Err(StoreError::EgroupExists { .. }) => continue,
-                    Err(StoreError::NoSpace { .. }) => return Err(ExtentError::NoSpace { vdisk }),
-                    Err(e) => return Err(err(e)),
+        let mut placed = Vec::with_capacity(wanted.len());
+        for &extent in &wanted {
+            let loc = match self.open.get() {
+                Some((egid, slot)) => {
+                    // The slot may hold slices of a mapping that was never committed: clear
+                    // them so unwritten blocks of the new extent read as zeros.
+                    let first = u32::from(slot) * EXTENT_BLOCKS as u32;
+                    self.store
+                        .trim_slices(egid, first, EXTENT_BLOCKS as u32)
+                        .await
+                        .map_err(err)?;
+                    ExtentLoc { egid, slot }
                 }
-            },
-        };
-        let next = loc.slot + 1;
-        self.open
-            .set((next < self.extents_per_egroup).then_some((loc.egid, next)));
+                None => loop {
+                    let n = self.next_n.get();
+                    self.next_n.set((n + 1) & 0x00FF_FFFF);
+                    let egid = extent_egid(vdisk, n);
+                    match self.store.allocate(egid) {
+                        Ok(()) => break ExtentLoc { egid, slot: 0 },
+                        Err(StoreError::EgroupExists { .. }) => continue,
+                        Err(StoreError::NoSpace { .. }) => {
+                            return Err(ExtentError::NoSpace { vdisk });
+                        }
+                        Err(e) => return Err(err(e)),
+                    }
+                },
+            };
+            let next = loc.slot + 1;
+            self.open
+                .set((next < self.extents_per_egroup).then_some((loc.egid, next)));
+            placed.push((extent, loc));
+        }
         self.store.flush().await.map_err(err)?;
-        let mut value = vec![VALUE_VERSION];
-        value.extend_from_slice(&loc.egid.to_le_bytes());
-        value.push(loc.slot);
-        self.commit(vec![MetaOp::Put {
-            key: extent_key(vdisk, extent),
-            value,
-            expect: Expect::Absent,
-        }])
-        .await?;
-        self.map.borrow_mut().insert(extent, loc);
-        Ok(loc)
+        for chunk in placed.chunks(MAP_BATCH_KEYS) {
+            let ops = chunk
+                .iter()
+                .map(|(extent, loc)| {
+                    let mut value = vec![VALUE_VERSION];
+                    value.extend_from_slice(&loc.egid.to_le_bytes());
+                    value.push(loc.slot);
+                    MetaOp::Put {
+                        key: extent_key(vdisk, *extent),
+                        value,
+                        expect: Expect::Absent,
+                    }
+                })
+                .collect();
+            self.commit(ops).await?;
+            let mut map = self.map.borrow_mut();
+            for (extent, loc) in chunk {
+                map.insert(*extent, *loc);
+            }
+        }
+        Ok(())
     }
 
     fn first_slice(loc: ExtentLoc, vblock: u64) -> u32 {

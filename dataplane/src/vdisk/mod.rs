@@ -41,6 +41,18 @@ pub const SEQUENTIAL_OUTSTANDING_BYTES: u64 = 3 << 19;
 pub const DEFAULT_OPLOG_CAP_BYTES: u64 = 6 << 30;
 /// Data drained per cycle: 64 MiB.
 pub const DRAIN_BATCH_BLOCKS: u32 = 16384;
+/// Oplog-to-extent copies a drain keeps in flight at once.
+pub const DRAIN_RUNS_IN_FLIGHT: usize = 32;
+
+/// Consecutive vdisk blocks (within one extent) a drain copies from consecutive oplog slices.
+#[derive(Debug, Clone, Copy)]
+struct DrainRun {
+    vblock: u64,
+    blocks: u64,
+    egid: blockstore::ExtentGroupId,
+    /// First oplog slice; `None`: the blocks were zeroed.
+    slice: Option<u32>,
+}
 /// The drain starts a cycle once this much data waits (16 MiB)...
 pub const DRAIN_TRIGGER_BLOCKS: u64 = 4096;
 /// ...or this long after the first undrained write (a quiet vdisk drains soon after it stops).
@@ -563,57 +575,24 @@ impl<D: BlockDevice, M: MetadataStore> Vdisk<D, M> {
         let Some(cutoff) = batches.last().map(|b| b.seq) else {
             return Ok(0);
         };
+        let runs = self.drain_runs(&batches);
+        // Map every extent this cycle writes first, with one flush and one metadata batch.
+        let needed: std::collections::BTreeSet<u64> = runs
+            .iter()
+            .filter(|r| r.slice.is_some())
+            .map(|r| r.vblock / EXTENT_BLOCKS)
+            .collect();
+        self.extents
+            .ensure_mapped_many(needed)
+            .await
+            .map_err(|e| extent_err(0, 0, e))?;
+        // Each block appears in at most one run (its newest copy), so runs are independent:
+        // copy them with up to DRAIN_RUNS_IN_FLIGHT at once.
         let mut drained = 0u64;
-        for b in &batches {
-            for e in &b.entries {
-                // Only blocks whose newest oplog copy is this batch's: newer copies drain later.
-                let mut i = 0u64;
-                while i < u64::from(e.blocks) {
-                    let vb = e.vblock + i;
-                    let current = self.oplog.lookup(vb).filter(|l| l.seq == b.seq);
-                    let Some(loc) = current else {
-                        i += 1;
-                        continue;
-                    };
-                    let extent_end = (vb / EXTENT_BLOCKS + 1) * EXTENT_BLOCKS;
-                    let mut n = 1u64;
-                    while i + n < u64::from(e.blocks)
-                        && vb + n < extent_end
-                        && self.oplog.lookup(vb + n).is_some_and(|l| {
-                            l.seq == b.seq
-                                && l.egid == loc.egid
-                                && l.slice.map(u64::from) == loc.slice.map(|s| u64::from(s) + n)
-                        })
-                    {
-                        n += 1;
-                    }
-                    let off = vb * BLOCK_BYTES as u64;
-                    match loc.slice {
-                        None => self
-                            .extents
-                            .trim(vb, n as u32)
-                            .await
-                            .map_err(|e| target_err(off, e))?,
-                        Some(slice) => {
-                            let mut buf = DmaBuf::new(n as usize * BLOCK_BYTES);
-                            self.oplog
-                                .read(loc.egid, slice, &mut buf)
-                                .await
-                                .map_err(|e| target_err(off, e))?;
-                            let ext = self
-                                .extents
-                                .ensure_mapped(vb / EXTENT_BLOCKS)
-                                .await
-                                .map_err(|e| extent_err(off, n * BLOCK_BYTES as u64, e))?;
-                            self.extents
-                                .write(ext, vb, &buf)
-                                .await
-                                .map_err(|e| target_err(off, e))?;
-                        }
-                    }
-                    drained += n;
-                    i += n;
-                }
+        for chunk in runs.chunks(DRAIN_RUNS_IN_FLIGHT) {
+            let copies = chunk.iter().map(|r| self.drain_run(r));
+            for r in futures_util::future::join_all(copies).await {
+                drained += r?;
             }
         }
         self.extents.flush().await.map_err(|e| target_err(0, e))?;
@@ -628,6 +607,80 @@ impl<D: BlockDevice, M: MetadataStore> Vdisk<D, M> {
         self.oplog.drained(cutoff).map_err(|e| target_err(0, e))?;
         self.bump(|s| s.drained_blocks += drained);
         Ok(drained)
+    }
+
+    /// The blocks of `batches` whose newest oplog copy is in them, as runs that are contiguous
+    /// both in the vdisk (within one extent) and in one oplog extent group.
+    fn drain_runs(&self, batches: &[oplog::BatchInfo]) -> Vec<DrainRun> {
+        let mut runs: Vec<DrainRun> = Vec::new();
+        for b in batches {
+            let mut data_off = 0u32;
+            for e in &b.entries {
+                for i in 0..e.blocks {
+                    let vb = e.vblock + u64::from(i);
+                    let slice = (!e.zero).then_some(b.data_slice + data_off + i);
+                    // Only this batch's copy, and only the last one if the batch wrote the block
+                    // twice: newer copies drain with their own batch.
+                    if self
+                        .oplog
+                        .lookup(vb)
+                        .is_none_or(|l| l.seq != b.seq || l.slice != slice)
+                    {
+                        continue;
+                    }
+                    match runs.last_mut() {
+                        Some(r)
+                            if r.egid == b.egid
+                                && r.vblock + r.blocks == vb
+                                && vb % EXTENT_BLOCKS != 0
+                                && r.slice.map(|s| s + r.blocks as u32) == slice =>
+                        {
+                            r.blocks += 1;
+                        }
+                        _ => runs.push(DrainRun {
+                            vblock: vb,
+                            blocks: 1,
+                            egid: b.egid,
+                            slice,
+                        }),
+                    }
+                }
+                if !e.zero {
+                    data_off += e.blocks;
+                }
+            }
+        }
+        runs
+    }
+
+    /// Copies one run from the oplog into the extent store (not yet flushed); returns its blocks.
+    async fn drain_run(&self, r: &DrainRun) -> Result<u64, TargetError> {
+        let at = r.vblock * BLOCK_BYTES as u64;
+        let len = r.blocks as usize * BLOCK_BYTES;
+        match r.slice {
+            None => self
+                .extents
+                .trim(r.vblock, r.blocks as u32)
+                .await
+                .map_err(|e| target_err(at, e))?,
+            Some(slice) => {
+                let mut buf = self.bounce(len);
+                self.oplog
+                    .read(r.egid, slice, &mut buf)
+                    .await
+                    .map_err(|e| target_err(at, e))?;
+                let ext = self
+                    .extents
+                    .ensure_mapped(r.vblock / EXTENT_BLOCKS)
+                    .await
+                    .map_err(|e| extent_err(at, len as u64, e))?;
+                self.extents
+                    .write(ext, r.vblock, &buf)
+                    .await
+                    .map_err(|e| target_err(at, e))?;
+            }
+        }
+        Ok(r.blocks)
     }
 
     /// Drains until the oplog holds nothing undrained (tests, clean shutdown).

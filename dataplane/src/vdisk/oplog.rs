@@ -84,6 +84,8 @@ pub struct BatchInfo {
     pub seq: u64,
     /// Extent group holding it.
     pub egid: ExtentGroupId,
+    /// Its first data slice (the data of its non-zero entries follows in entry order).
+    pub data_slice: u32,
     /// Its entries.
     pub entries: Vec<EntryInfo>,
     /// Data blocks it holds.
@@ -331,6 +333,7 @@ impl<D: BlockDevice> Oplog<D> {
                     batches.push_back(BatchInfo {
                         seq: h.seq,
                         egid,
+                        data_slice: slice + 1,
                         entries: infos,
                         data_blocks: h.data_slices,
                     });
@@ -661,6 +664,7 @@ impl<D: BlockDevice> Oplog<D> {
         st.batches.push_back(BatchInfo {
             seq,
             egid,
+            data_slice: first + 1,
             entries,
             data_blocks,
         });
