@@ -641,10 +641,11 @@ impl<D: BlockDevice> Oplog<D> {
         };
         // Write only the filled part of the pooled batch buffer.
         buf.set_len(slices as usize * BLOCK_BYTES);
-        let result = self.store.write_slices(egid, first, &buf).await;
+        // The batch's slices held nothing acknowledged: its data and the store's journal go to
+        // the device together, then one flush makes both durable.
+        let result = self.store.write_slices_durable(egid, first, &buf).await;
         buf.set_len(buf.capacity());
         result.map_err(err)?;
-        self.store.flush().await.map_err(err)?;
         // Durable: index the batch and release its writers.
         let mut st = self.state.borrow_mut();
         let mut data_slice = first + 1;
