@@ -118,6 +118,35 @@ pub enum OplogError {
         /// Vdisk id.
         vdisk: u64,
     },
+    /// A batch could not reach its replicas (the oplog stops accepting writes).
+    #[error("oplog of vdisk {vdisk}: batch {seq} not replicated: {reason}")]
+    Replication {
+        /// Vdisk id.
+        vdisk: u64,
+        /// Batch sequence number.
+        seq: u64,
+        /// What the replication layer said.
+        reason: String,
+    },
+    /// A replicated batch was malformed (refused; nothing stored).
+    #[error("oplog replica of vdisk {vdisk}: bad batch: {reason}")]
+    BadReplicaBatch {
+        /// Vdisk id.
+        vdisk: u64,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// A replicated batch skipped sequence numbers (refused; the primary resends from
+    /// `expected`).
+    #[error("oplog replica of vdisk {vdisk}: batch {got} arrived, {expected} expected")]
+    ReplicaGap {
+        /// Vdisk id.
+        vdisk: u64,
+        /// The next sequence number this replica needs.
+        expected: u64,
+        /// What arrived.
+        got: u64,
+    },
     /// The device has no free extent group for the oplog and nothing to drain.
     #[error("oplog of vdisk {vdisk}: no space on the device")]
     NoSpace {
@@ -166,7 +195,17 @@ pub struct Oplog<D: BlockDevice> {
     drained: event_listener::Event,
     cap_bytes: u64,
     held_bytes: Cell<u64>,
+    replicator: RefCell<Option<Rc<Replicator>>>,
 }
+
+/// Where a primary's oplog sends each committed batch: `(sequence, header and data slices)`,
+/// resolving once the batch is durable on the replicas (see [`Oplog::set_replicator`]).
+pub type Replicator = Box<
+    dyn Fn(
+        u64,
+        Rc<[u8]>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>>>>,
+>;
 
 /// Extent group id of the `n`-th oplog extent group of `vdisk`.
 pub fn oplog_egid(vdisk: u64, n: u32) -> ExtentGroupId {
@@ -398,6 +437,7 @@ impl<D: BlockDevice> Oplog<D> {
             drained: event_listener::Event::new(),
             cap_bytes,
             held_bytes: Cell::new(held),
+            replicator: RefCell::new(None),
         })
     }
 
@@ -617,33 +657,29 @@ impl<D: BlockDevice> Oplog<D> {
             h[4092..].copy_from_slice(&crc.to_le_bytes());
         }
         let slices = 1 + data_blocks;
-        // Place the batch: the newest oplog extent group if it fits, else a new one.
-        let (egid, first) = {
-            let need_new = {
-                let st = self.state.borrow();
-                st.egroups.is_empty() || st.next_slice + slices > self.slices_per_egroup
-            };
-            if need_new {
-                let egid = self.allocate_egroup().await?;
-                let mut st = self.state.borrow_mut();
-                st.egroups.push_back(OplogEgroup {
-                    egid,
-                    last_seq: seq,
-                });
-                st.next_slice = 0;
-            }
-            let mut st = self.state.borrow_mut();
-            let first = st.next_slice;
-            st.next_slice += slices;
-            let back = st.egroups.back_mut().expect("an oplog extent group");
-            back.last_seq = seq;
-            (back.egid, first)
-        };
+        let (egid, first) = self.place(seq, slices).await?;
         // Write only the filled part of the pooled batch buffer.
         buf.set_len(slices as usize * BLOCK_BYTES);
         // The batch's slices held nothing acknowledged: its data and the store's journal go to
-        // the device together, then one flush makes both durable.
-        let result = self.store.write_slices_durable(egid, first, &buf).await;
+        // the device together, then one flush makes both durable. With replicas, the batch
+        // goes to them at the same time; it counts as durable once everyone has it.
+        let replicator = self.replicator.borrow().clone();
+        let result = match replicator {
+            None => self.store.write_slices_durable(egid, first, &buf).await,
+            Some(replicate) => {
+                let copy: Rc<[u8]> = Rc::from(&buf[..]);
+                let (local, remote) = futures_lite::future::zip(
+                    self.store.write_slices_durable(egid, first, &buf),
+                    replicate(seq, copy),
+                )
+                .await;
+                if let Err(reason) = remote {
+                    buf.set_len(buf.capacity());
+                    return Err(OplogError::Replication { vdisk, seq, reason });
+                }
+                local
+            }
+        };
         buf.set_len(buf.capacity());
         result.map_err(err)?;
         // Durable: index the batch and release its writers.
@@ -674,6 +710,122 @@ impl<D: BlockDevice> Oplog<D> {
         drop(st);
         self.committed.notify(usize::MAX);
         Ok(())
+    }
+
+    /// Reserves `slices` slices for batch `seq`: in the newest oplog extent group if they fit,
+    /// else in a new one. Caller holds the commit lock.
+    async fn place(&self, seq: u64, slices: u32) -> Result<(ExtentGroupId, u32), OplogError> {
+        let need_new = {
+            let st = self.state.borrow();
+            st.egroups.is_empty() || st.next_slice + slices > self.slices_per_egroup
+        };
+        if need_new {
+            let egid = self.allocate_egroup().await?;
+            let mut st = self.state.borrow_mut();
+            st.egroups.push_back(OplogEgroup {
+                egid,
+                last_seq: seq,
+            });
+            st.next_slice = 0;
+        }
+        let mut st = self.state.borrow_mut();
+        let first = st.next_slice;
+        st.next_slice += slices;
+        let back = st.egroups.back_mut().expect("an oplog extent group");
+        back.last_seq = seq;
+        Ok((back.egid, first))
+    }
+
+    /// Sends every batch this oplog commits to `replicate` as well (its sequence number and its
+    /// bytes: the header slice, then the data slices), alongside the local write; a batch is
+    /// durable, and its writers acknowledged, only when both succeed. `replicate` is the
+    /// replication layer: it retries and re-chooses peers itself and returns an error only
+    /// when the batch cannot reach its replication factor, which takes the oplog offline like
+    /// a local device failure.
+    pub fn set_replicator(&self, replicate: Replicator) {
+        *self.replicator.borrow_mut() = Some(Rc::new(replicate));
+    }
+
+    /// Stores a batch of the primary's oplog of this vdisk (the bytes its replicator got) in
+    /// this replica, durably. Batches must arrive in sequence order; a batch already stored is
+    /// acknowledged again (a retry); a gap is refused, except into an empty replica (one that
+    /// joins mid-stream: the replication layer must make sure the primary drained, or this
+    /// replica already holds, everything before it). The header is re-stamped with this
+    /// device's format uuid, so [`Oplog::recover`] on this device — a failover — replays the
+    /// batch like one of its own. Returns the batch's sequence number.
+    pub async fn append_replica(&self, batch: &[u8]) -> Result<u64, OplogError> {
+        let vdisk = self.vdisk;
+        let bad = |reason: &'static str| OplogError::BadReplicaBatch { vdisk, reason };
+        if batch.len() < BLOCK_BYTES || !batch.len().is_multiple_of(BLOCK_BYTES) {
+            return Err(bad("not a whole number of 4 KiB slices"));
+        }
+        let sender_uuid = rd_u128(batch, 40);
+        let h = decode_header(&batch[..BLOCK_BYTES], vdisk, sender_uuid)
+            .ok_or_else(|| bad("header does not decode for this vdisk"))?;
+        if batch.len() != (1 + h.data_slices as usize) * BLOCK_BYTES {
+            return Err(bad("length does not match the header"));
+        }
+        let mut off = BLOCK_BYTES;
+        for (e, crc) in h.entries.iter().filter(|(e, _)| !e.zero) {
+            let len = e.blocks as usize * BLOCK_BYTES;
+            if crc32c::crc32c(&batch[off..off + len]) != *crc {
+                return Err(bad("entry data fails its checksum"));
+            }
+            off += len;
+        }
+        let _guard = self.commit_lock.lock().await;
+        {
+            let mut st = self.state.borrow_mut();
+            if st.failed {
+                return Err(OplogError::Failed { vdisk });
+            }
+            if h.seq < st.next_seq {
+                return Ok(h.seq); // stored already
+            }
+            if h.seq > st.next_seq {
+                if !st.batches.is_empty() {
+                    return Err(OplogError::ReplicaGap {
+                        vdisk,
+                        expected: st.next_seq,
+                        got: h.seq,
+                    });
+                }
+                st.next_seq = h.seq;
+            }
+            st.next_seq += 1;
+        }
+        let slices = 1 + h.data_slices;
+        let mut buf = DmaBuf::new(batch.len());
+        buf.copy_from_slice(batch);
+        buf[40..56].copy_from_slice(&self.uuid.to_le_bytes());
+        let crc = crc32c::crc32c(&buf[..4092]);
+        buf[4092..BLOCK_BYTES].copy_from_slice(&crc.to_le_bytes());
+        let stored = async {
+            let (egid, first) = self.place(h.seq, slices).await?;
+            self.store
+                .write_slices_durable(egid, first, &buf)
+                .await
+                .map_err(|source| OplogError::Store { vdisk, source })?;
+            Ok::<_, OplogError>(egid)
+        };
+        let egid = match stored.await {
+            Ok(egid) => egid,
+            Err(e) => {
+                self.state.borrow_mut().failed = true;
+                return Err(e);
+            }
+        };
+        // Kept for `drained` (which frees extent groups); a replica serves no reads, so its
+        // blocks are not indexed.
+        let first = self.state.borrow().next_slice - slices;
+        self.state.borrow_mut().batches.push_back(BatchInfo {
+            seq: h.seq,
+            egid,
+            data_slice: first + 1,
+            entries: h.entries.into_iter().map(|(e, _)| e).collect(),
+            data_blocks: h.data_slices,
+        });
+        Ok(h.seq)
     }
 
     async fn allocate_egroup(&self) -> Result<ExtentGroupId, OplogError> {

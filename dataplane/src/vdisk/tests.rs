@@ -377,3 +377,102 @@ fn purge_releases_a_deleted_vdisk_and_nothing_else() {
         assert!(back == a);
     });
 }
+
+/// A primary vdisk whose oplog replicates every batch into a replica oplog on another device:
+/// after the primary is gone, the vdisk opened on the replica's device (a failover) reads every
+/// acknowledged write back. The replica refuses gaps and corrupt batches and acknowledges
+/// retries.
+#[test]
+fn a_replica_oplog_replays_on_its_own_device_after_failover() {
+    block_on(async {
+        let mut rng = ChaCha8Rng::seed_from_u64(21);
+        let dev_a = formatted_mem_device().await;
+        let dev_b = Rc::new(MemDevice::new("replica", 64 << 20, 4096));
+        BlockStore::format(
+            dev_b.clone(),
+            &FormatOptions {
+                uuid: Some(43),
+                ..format_opts()
+            },
+        )
+        .await
+        .unwrap()
+        .close()
+        .await
+        .unwrap();
+        let meta = Rc::new(MemMetadataStore::new());
+        let store_b = Rc::new(BlockStore::open(dev_b.clone()).await.unwrap());
+        let replica = Rc::new(
+            oplog::Oplog::recover(store_b.clone(), 1, 0, 16 << 20)
+                .await
+                .unwrap(),
+        );
+        let primary = open(dev_a.clone(), meta.clone()).await;
+        let sent: Rc<RefCell<Vec<(u64, Vec<u8>)>>> = Rc::default();
+        {
+            let (replica, sent) = (replica.clone(), sent.clone());
+            primary.oplog().set_replicator(Box::new(move |seq, bytes| {
+                let (replica, sent) = (replica.clone(), sent.clone());
+                Box::pin(async move {
+                    sent.borrow_mut().push((seq, bytes.to_vec()));
+                    let got = replica
+                        .append_replica(&bytes)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    assert_eq!(got, seq);
+                    Ok(())
+                })
+            }));
+        }
+        let mut model = vec![0u8; DISK as usize];
+        for _ in 0..200 {
+            let blocks = rng.random_range(1..=8u64);
+            let off = rng.random_range(0..DISK / 4096 - blocks) * 4096;
+            if rng.random_range(0..10) == 0 {
+                primary.trim(off, blocks * 4096).await.unwrap();
+                model[off as usize..(off + blocks * 4096) as usize].fill(0);
+            } else {
+                let data = fill(&mut rng, (blocks * 4096) as usize);
+                primary.write(off, &data, false).await.unwrap();
+                model[off as usize..off as usize + data.len()].copy_from_slice(&data);
+            }
+        }
+        let batches = sent.borrow().clone();
+        assert!(batches.len() > 10, "{} batches", batches.len());
+        // Retries are acknowledged, gaps and damage refused, and none of it changes anything.
+        let (seq, bytes) = batches.last().unwrap().clone();
+        assert_eq!(replica.append_replica(&bytes).await.unwrap(), seq);
+        let mut ahead = bytes.clone();
+        ahead[24..32].copy_from_slice(&(seq + 5).to_le_bytes());
+        let crc = crc32c::crc32c(&ahead[..4092]);
+        ahead[4092..4096].copy_from_slice(&crc.to_le_bytes());
+        assert!(matches!(
+            replica.append_replica(&ahead).await,
+            Err(oplog::OplogError::ReplicaGap { expected, got, .. }) if expected == seq + 1 && got == seq + 5
+        ));
+        let mut torn = bytes.clone();
+        let last = torn.len() - 1;
+        torn[last] ^= 1;
+        assert!(matches!(
+            replica.append_replica(&torn).await,
+            Err(oplog::OplogError::BadReplicaBatch { .. })
+        ));
+        assert!(replica.append_replica(&bytes[..100]).await.is_err());
+
+        // Failover: the primary's device is gone; the vdisk opens on the replica's device.
+        drop(primary);
+        drop(replica);
+        drop(store_b);
+        let failed_over = open(dev_b.clone(), meta.clone()).await;
+        let mut back = vec![0u8; DISK as usize];
+        failed_over.read(0, &mut back).await.unwrap();
+        assert!(back == model, "the replica lost acknowledged writes");
+        // And it goes on as the primary: writes after the failover land behind the replayed log.
+        let data = fill(&mut rng, 4096);
+        failed_over.write(8192, &data, false).await.unwrap();
+        failed_over.drain_all().await.unwrap();
+        let mut one = vec![0u8; 4096];
+        failed_over.read(8192, &mut one).await.unwrap();
+        assert!(one == data);
+    });
+}
