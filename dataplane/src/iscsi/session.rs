@@ -776,10 +776,12 @@ fn scsi_command<T, S>(
             );
             return;
         }
-        let mut buf = vec![0u8; edtl as usize];
-        let immediate = immediate_data.len().min(edtl as usize);
-        buf[..immediate].copy_from_slice(&immediate_data[..immediate]);
-        let received = immediate as u32;
+        // The immediate data's buffer becomes the command's: a write that came whole in one
+        // PDU (the common case for small writes) is neither copied nor allocated again.
+        let mut buf = immediate_data;
+        buf.truncate(edtl as usize);
+        let received = buf.len() as u32;
+        buf.resize(edtl as usize, 0);
         if received < edtl {
             let unsolicited_end = if c.final_bit {
                 received
