@@ -148,7 +148,7 @@ stop_tgt() { # control_port pid
 }
 
 # iscsi-perf random reads of 4 KiB with QD requests in flight for RUNTIME s (it runs until
-# SIGINT and prints its average) -> "iops - ios".
+# SIGINT and prints its average) -> "iops - ios -".
 run_iscsi_perf() { # url qd
   local url=$1 qd=$2 bs blocks out
   bs=$(iscsi-readcapacity16 "$url" | awk -F: '/LOGICAL BLOCK LENGTH/ {gsub(/ /, "", $2); print $2; exit}')
@@ -157,7 +157,7 @@ run_iscsi_perf() { # url qd
   timeout -s INT "$RUNTIME" iscsi-perf -r -m "$qd" -b "$blocks" "$url" >"$work/iperf.out" 2>&1 || true
   out=$(tr '\r' '\n' <"$work/iperf.out" | grep -o 'iops average [0-9]*' | tail -1 | awk '{print $3}')
   [[ -n "$out" ]] || { cat "$work/iperf.out" >&2; die "iscsi-perf printed no average"; }
-  echo "$out - $((out * RUNTIME))"
+  echo "$out - $((out * RUNTIME)) -"
 }
 
 busy_before="$(cpu_busy)"
@@ -237,11 +237,11 @@ for dir in $DIRS; do
               settle_s=$(settle "$node_pid")
               c=$(ticks "$node_pid") ;;
           esac
-          read -r iops p99 ios <<<"$out"
+          read -r iops p99 ios client_us <<<"$out"
           us_io="-"
           [[ "$tool" != limit ]] && us_io=$(awk -v t=$((c - a)) -v hz="$hz" -v n="$ios" 'BEGIN { printf "%.1f", 1e6 * t / hz / n }')
-          printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$loc" "$rw" "$qd" "$round" "$tool" \
-            "$iops" "$p99" "$cpu" "$settle_s" "$us_io" >>"$results"
+          printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$loc" "$rw" "$qd" "$round" "$tool" \
+            "$iops" "$p99" "$cpu" "$settle_s" "$us_io" "$client_us" >>"$results"
         done
       done
     done
@@ -261,12 +261,13 @@ import statistics, sys
 from collections import defaultdict
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1])]
 cells, order = defaultdict(lambda: defaultdict(dict)), []
-for loc, rw, qd, rnd, tool, iops, p99, cpu, settle, us_io in rows:
+for loc, rw, qd, rnd, tool, iops, p99, cpu, settle, us_io, client_us in rows:
     key = (loc, rw, int(qd))
     if key not in cells:
         order.append(key)
     num = lambda x: None if x == "-" else float(x)
-    cells[key][int(rnd)][tool] = (float(iops), num(p99), num(cpu), num(settle), num(us_io))
+    cells[key][int(rnd)][tool] = (float(iops), num(p99), num(cpu), num(settle), num(us_io),
+                                  num(client_us))
 med = statistics.median
 ip = any("cairn-iscsiperf" in r for c in cells.values() for r in c.values())
 def rng(xs):
@@ -294,7 +295,8 @@ for key in order:
                  rng(ratios(rs, "cairn-iscsiperf", "tgt-iscsiperf"))]
     print("| " + " | ".join(line) + " |")
     f1 = "{:.1f}"
-    cpu_rows.append([key[0], key[1], str(key[2]), m("tgt", 2), m("tgt", 4, f1), m("cairn", 2),
+    cpu_rows.append([key[0], key[1], str(key[2]), m("limit", 5, f1), m("tgt", 5, f1),
+                     m("cairn", 5, f1), m("tgt", 2), m("tgt", 4, f1), m("cairn", 2),
                      m("cairn", 4, f1), m("cairn", 3)])
     if key[2] == 32 and rt:
         goal.append(f"{key[0]} {key[1]} QD32: {med(rt):.2f}x tgt "
@@ -302,11 +304,14 @@ for key in order:
 print()
 print("Goal, cairn >= 2.5x tgt's IOPS at QD32 (fio libiscsi): " + ("; ".join(goal) or "no QD32 cell"))
 print()
-h2 = ["location", "workload", "QD", "tgt CPU %", "tgt CPU µs/IO", "cairn CPU %",
+h2 = ["location", "workload", "QD", "fio CPU µs/IO: limit", "fio CPU µs/IO: tgt",
+      "fio CPU µs/IO: cairn", "tgt CPU %", "tgt CPU µs/IO", "cairn CPU %",
       "cairn CPU µs/IO (incl. drain)", "cairn idle after (s)"]
-print("Server CPU (medians, fio runs): % of one core during the timed run; CPU time per I/O (for "
-      "cairn including the drain that ran on after the run); seconds the node needed after the "
-      "run to go idle:")
+print("CPU (medians, fio runs): the client's (fio's user + system time per I/O; with the libiscsi "
+      "engine this is the initiator); the server's % of one core during the timed run and CPU "
+      "time per I/O (for cairn including the drain that ran on after the run); seconds the node "
+      "needed after the run to go idle. On this 2-core machine client and server share the CPUs, "
+      "so a server's IOPS are bounded near 2 cores / (client + server µs per I/O):")
 print()
 print("| " + " | ".join(h2) + " |")
 print("|" + "|".join(["---"] * 3 + ["---:"] * (len(h2) - 3)) + "|")
@@ -373,8 +378,14 @@ mkdir -p "$(dirname "$OUT")"
   echo "  store (the CPU table's last column is how long it ran on after the timed run)."
   echo "* All run on the same 2 CPUs as the client; cairn's executor is pinned to CPU 0, tgtd and"
   echo "  the client are not pinned."
+  echo "* O_DIRECT on tmpfs is accepted since Linux 6.6 (this kernel: $(uname -r)); the script"
+  echo "  checks with \`dd oflag=direct\` and skips a location that refuses it. On tmpfs there is no"
+  echo "  device: every tool's I/O is a memory copy, and io_uring runs it on io-wq worker threads."
+  echo "* fio prints \"both iodepth >= 1 and synchronous I/O engine are selected, queue depth will be"
+  echo "  capped at 1\" for the libiscsi engine (it is flagged FIO_SYNCIO), but the engine queues"
+  echo "  asynchronously: at --iodepth=32 fio's IO depths histogram is mostly 16-32 (checked by hand)."
   echo
-  echo "<details><summary>Per-round results (location, workload, QD, round, tool, IOPS, p99 µs, server CPU %, node idle after s, server CPU µs per I/O)</summary>"
+  echo "<details><summary>Per-round results (location, workload, QD, round, tool, IOPS, p99 µs, server CPU %, node idle after s, server CPU µs per I/O, client CPU µs per I/O)</summary>"
   echo
   echo '```'
   cat "$results"

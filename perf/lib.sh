@@ -37,6 +37,7 @@ lib_init() {
   [[ -x "$bin" ]] || die "no binary at $bin"
   # Others may be editing the tree: record what the binary was built from.
   dirty="$(git status --porcelain -- . ':!perf' 2>/dev/null | awk '{print $2}' | tr '\n' ' ')"
+  built_from="$(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD -- . ':!perf' 2>/dev/null || echo ' + uncommitted changes')"
   work="$(mktemp -d)"
   trap lib_cleanup EXIT
   trap 'exit 130' INT TERM
@@ -86,7 +87,8 @@ settle() {
   echo $((SECONDS - start))
 }
 
-# fio job -> "iops p99_us ios"; server CPU is measured by the caller. FIO names the binary
+# fio job -> "iops p99_us ios client_cpu_us_per_io" (fio's own user + system CPU); server CPU
+# is measured by the caller. FIO names the binary
 # (default: fio on PATH).
 run_fio() { # rw qd args...
   local rw=$1 qd=$2; shift 2
@@ -100,7 +102,8 @@ job = json.load(open(sys.argv[1]))["jobs"][0]
 d = job["write" if sys.argv[2].endswith("write") else "read"]
 if d.get("total_ios", 1) == 0 or job.get("error", 0):
     sys.exit(f"fio did no I/O (error {job.get('error')})")
-print(f'{d["iops"]:.0f} {d["lat_ns"]["percentile"]["99.000000"] / 1e3:.1f} {d["total_ios"]}')
+client_us = (job["usr_cpu"] + job["sys_cpu"]) / 100 * d["runtime"] / 1e3 * 1e6 / max(1, d["total_ios"])
+print(f'{d["iops"]:.0f} {d["lat_ns"]["percentile"]["99.000000"] / 1e3:.1f} {d["total_ios"]} {client_us:.1f}')
 PY
 }
 
@@ -158,7 +161,7 @@ machine_rows() {
   echo "| memory | $(free -h | awk '/^Mem:/ {print $2}') |"
   echo "| fio | $(fio --version) |"
   echo "| rustc | $(rustc --version) |"
-  echo "| cairn | $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD -- 2>/dev/null || echo ' + uncommitted changes') |"
+  echo "| cairn (built from) | $built_from |"
   [[ -n "$dirty" ]] && echo "| uncommitted files in the build (outside perf/) | $dirty|"
   return 0
 }

@@ -170,7 +170,7 @@ for dir in $DIRS; do
               settle_s=$(settle "$node_pid")
               c=$(ticks "$node_pid") ;;
           esac
-          read -r iops p99 ios <<<"$out"
+          read -r iops p99 ios _ <<<"$out"
           us_io="-"
           [[ "$tool" != limit ]] && us_io=$(awk -v t=$((c - a)) -v hz="$hz" -v n="$ios" 'BEGIN { printf "%.1f", 1e6 * t / hz / n }')
           printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$loc" "$rw" "$qd" "$round" "$tool" \
