@@ -138,12 +138,17 @@ start_tgt() { # file
 }
 
 # tgtd ignores SIGTERM: remove the target, then ask the daemon to exit; KILL as the fallback.
+# Once per daemon: the exit trap calls it again for every tgtd started, stopped or not.
 stop_tgt() { # control_port pid
+  local p known=0
+  for p in "${pids[@]}"; do [[ "$p" == "$2" ]] && known=1; done
+  (( known )) || return 0
   tgtadm -C "$1" --lld iscsi --op delete --mode target --tid 1 --force >/dev/null 2>&1 || true
   tgtadm -C "$1" --op delete --mode system >/dev/null 2>&1 || true
   for _ in $(seq 50); do kill -0 "$2" 2>/dev/null || break; sleep 0.1; done
   kill -KILL "$2" 2>/dev/null || true
   wait "$2" 2>/dev/null || true
+  forget_pid "$2"
   rm -f "/var/run/tgtd/socket.$1" "/var/run/tgtd/socket.$1.lock"
 }
 

@@ -146,11 +146,21 @@ start_node() { # data_dir
   die "the node did not become ready"
 }
 
+# Drops $1 from `pids` once it has been stopped and reaped, so the exit trap never signals a
+# number the kernel may have given to another process since.
+forget_pid() {
+  local p kept=()
+  for p in "${pids[@]}"; do [[ "$p" == "$1" ]] || kept+=("$p"); done
+  pids=("${kept[@]}")
+}
+
 stop_pid() {
-  kill -TERM "$1" 2>/dev/null || return 0
-  for _ in $(seq 600); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
-  kill -KILL "$1" 2>/dev/null || true
+  if kill -TERM "$1" 2>/dev/null; then
+    for _ in $(seq 600); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$1" 2>/dev/null || true
+  fi
   wait "$1" 2>/dev/null || true
+  forget_pid "$1"
 }
 
 # The markdown rows describing the machine (after a "| machine | |" header); extra rows come
