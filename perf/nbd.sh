@@ -57,7 +57,9 @@ OUT="${OUT:-perf/results/nbd-$stamp.md}"
 command_line="$(for v in RUNTIME ROUNDS SIZE DIRS QDS WORKLOADS DEV_SIZE VDISK_SIZE CORES NBDKIT_FUA NBD_NULL; do
   printf '%s=%q ' "$v" "${!v}"; done)perf/nbd.sh"
 
-die() { echo "nbd.sh: $*" >&2; exit 1; }
+script=nbd.sh
+# shellcheck source=perf/lib.sh
+source "$root/perf/lib.sh"
 for tool in cargo fio nbdkit python3 ss; do
   command -v "$tool" >/dev/null || die "$tool is missing (apt-get install fio nbdkit)"
 done
@@ -66,93 +68,7 @@ fio --enghelp=nbd >/dev/null 2>&1 || die "this fio has no nbd engine"
 fio_size="${SIZE%iB}"; fio_size="${fio_size%B}"
 dev_fio_size="${DEV_SIZE%iB}"; dev_fio_size="${dev_fio_size%B}"
 
-echo "== building cairn (release)" >&2
-cargo build --release -j2 --bin cairn >&2
-bin="${CARGO_TARGET_DIR:-$root/target}/release/cairn"
-[[ -x "$bin" ]] || die "no binary at $bin"
-# Others may be editing the tree: record what the binary was built from.
-dirty="$(git status --porcelain -- . ':!perf' 2>/dev/null | awk '{print $2}' | tr '\n' ' ')"
-
-work="$(mktemp -d)"
-paths=()   # data directories and files to remove
-pids=()    # servers we started
-cleanup() {
-  local p
-  for p in "${pids[@]}"; do
-    if kill -0 "$p" 2>/dev/null; then
-      kill -TERM "$p" 2>/dev/null || true
-      for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-      kill -KILL "$p" 2>/dev/null || true
-    fi
-  done
-  if [[ "$KEEP_FILES" != 1 ]]; then
-    for p in "${paths[@]}"; do rm -rf "$p"; done
-  fi
-  rm -rf "$work"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-# CPU busy share of the whole machine over 2 s: other tenants make every number noisier.
-cpu_busy() {
-  python3 - <<'PY'
-import time
-def snap():
-    v = list(map(int, open('/proc/stat').readline().split()[1:]))
-    return sum(v), v[3] + v[4]
-t0, i0 = snap(); time.sleep(2); t1, i1 = snap()
-print(f"{100 * (1 - (i1 - i0) / max(1, t1 - t0)):.0f}%")
-PY
-}
-
-hz="$(getconf CLK_TCK)"
-ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }  # utime + stime of every thread
-
-free_port() {
-  local p
-  for _ in $(seq 200); do
-    p=$((20000 + RANDOM % 20000))
-    ss -Htln "sport = :$p" | grep -q . || { echo "$p"; return; }
-  done
-  die "no free TCP port"
-}
-
-wait_port() { # port pid
-  for _ in $(seq 300); do
-    ss -Htln "sport = :$1" | grep -q . && return 0
-    kill -0 "$2" 2>/dev/null || return 1
-    sleep 0.1
-  done
-  return 1
-}
-
-# Waits until process $1 uses less than 2 % of a core over 1 s (a node's drain has finished);
-# prints the seconds waited.
-settle() {
-  local pid=$1 start=$SECONDS a b
-  while (( SECONDS - start < SETTLE_MAX )); do
-    a=$(ticks "$pid"); sleep 1; b=$(ticks "$pid")
-    (( (b - a) * 100 < 2 * hz )) && break
-  done
-  echo $((SECONDS - start))
-}
-
-# fio job -> "iops p99_us ios"; server CPU is measured by the caller.
-run_fio() { # rw qd args...
-  local rw=$1 qd=$2; shift 2
-  fio --name="$rw-qd$qd" --size="$fio_size" --bs=4k --rw="$rw" --iodepth="$qd" \
-    --runtime="$RUNTIME" --time_based --norandommap --randrepeat=0 --lat_percentiles=1 \
-    "$@" --output-format=json --output="$work/fio.json" >"$work/fio.out" 2>&1 \
-    || { cat "$work/fio.out" >&2; die "fio failed: $*"; }
-  python3 - "$work/fio.json" "$rw" <<'PY'
-import json, sys
-job = json.load(open(sys.argv[1]))["jobs"][0]
-d = job["write" if sys.argv[2].endswith("write") else "read"]
-if d.get("total_ios", 1) == 0 or job.get("error", 0):
-    sys.exit(f"fio did no I/O (error {job.get('error')})")
-print(f'{d["iops"]:.0f} {d["lat_ns"]["percentile"]["99.000000"] / 1e3:.1f} {d["total_ios"]}')
-PY
-}
+lib_init
 
 start_nbdkit() { # file fua(0|1|null) -> sets nbdkit_pid, nbdkit_port
   local file=$1 fua=$2 args=()
@@ -167,40 +83,6 @@ start_nbdkit() { # file fua(0|1|null) -> sets nbdkit_pid, nbdkit_port
   nbdkit_pid=$!
   pids+=("$nbdkit_pid")
   wait_port "$nbdkit_port" "$nbdkit_pid" || { cat "$work/nbdkit-$fua.log" >&2; die "nbdkit did not start"; }
-}
-
-start_node() { # data_dir -> sets node_pid, node_port
-  local dir=$1
-  node_port=$(free_port)
-  {
-    echo "listen = \"127.0.0.1\""
-    echo "nbd_port = $node_port"
-    echo "grpc_port = $(free_port)"
-    echo "iscsi_port = $(free_port)"
-    [[ -n "$CORES" ]] && echo "cores = $CORES"
-    echo "[[device]]"
-    echo "path = \"dev0.img\""
-    echo "[[vdisk]]"
-    echo "name = \"vd0\""
-    echo "size = \"$VDISK_SIZE\""
-  } >"$dir/node.toml"
-  "$bin" node run --data-dir "$dir" --config "$dir/node.toml" >"$dir/node.log" 2>&1 &
-  node_pid=$!
-  pids+=("$node_pid")
-  for _ in $(seq 600); do
-    grep -q "cairn node: ready" "$dir/node.log" && return 0
-    kill -0 "$node_pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  cat "$dir/node.log" >&2
-  die "the node did not become ready"
-}
-
-stop_pid() {
-  kill -TERM "$1" 2>/dev/null || return 0
-  for _ in $(seq 600); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
-  kill -KILL "$1" 2>/dev/null || true
-  wait "$1" 2>/dev/null || true
 }
 
 busy_before="$(cpu_busy)"
@@ -222,12 +104,10 @@ for dir in $DIRS; do
     continue
   fi
   echo "== $loc: laying out the $SIZE reference file and the $DEV_SIZE cairn device" >&2
-  fio --name=layout --filename="$file" --size="$fio_size" --bs=1M --rw=write \
-    --ioengine=io_uring --direct=1 --iodepth=8 --output-format=terse >/dev/null
+  layout "$file" "$fio_size"
   data="$(mktemp -d "$dir/cairn-nbd-node.XXXXXX")"
   paths+=("$data")
-  fio --name=layout --filename="$data/dev0.img" --size="$dev_fio_size" --bs=1M --rw=write \
-    --ioengine=io_uring --direct=1 --iodepth=8 --output-format=terse >/dev/null
+  layout "$data/dev0.img" "$dev_fio_size"
   "$bin" device format "$data/dev0.img" --slice-size 4KiB --tier ssd >"$work/format.log"
   start_node "$data"
   start_nbdkit "$file" 0; kit_pid=$nbdkit_pid; kit_port=$nbdkit_port
@@ -290,7 +170,7 @@ for dir in $DIRS; do
               settle_s=$(settle "$node_pid")
               c=$(ticks "$node_pid") ;;
           esac
-          read -r iops p99 ios <<<"$out"
+          read -r iops p99 ios _ <<<"$out"
           us_io="-"
           [[ "$tool" != limit ]] && us_io=$(awk -v t=$((c - a)) -v hz="$hz" -v n="$ios" 'BEGIN { printf "%.1f", 1e6 * t / hz / n }')
           printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$loc" "$rw" "$qd" "$round" "$tool" \
@@ -402,14 +282,8 @@ mkdir -p "$(dirname "$OUT")"
   echo
   echo "| machine | |"
   echo "|---|---|"
-  echo "| nproc | $(nproc) ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')) |"
-  echo "| kernel | $(uname -r) |"
-  echo "| memory | $(free -h | awk '/^Mem:/ {print $2}') |"
-  echo "| fio | $(fio --version) |"
+  machine_rows
   echo "| nbdkit | $(nbdkit --version) |"
-  echo "| rustc | $(rustc --version) |"
-  echo "| cairn | $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet HEAD -- 2>/dev/null || echo ' + uncommitted changes') |"
-  [[ -n "$dirty" ]] && echo "| uncommitted files in the build (outside perf/) | $dirty|"
   for dir in $DIRS; do
     echo "| $dir | $(df --output=source,fstype "$dir" | tail -1 | tr -s ' ') |"
   done

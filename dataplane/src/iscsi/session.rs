@@ -776,10 +776,12 @@ fn scsi_command<T, S>(
             );
             return;
         }
-        let mut buf = vec![0u8; edtl as usize];
-        let immediate = immediate_data.len().min(edtl as usize);
-        buf[..immediate].copy_from_slice(&immediate_data[..immediate]);
-        let received = immediate as u32;
+        // The immediate data's buffer becomes the command's: a write that came whole in one
+        // PDU (the common case for small writes) is neither copied nor allocated again.
+        let mut buf = immediate_data;
+        buf.truncate(edtl as usize);
+        let received = buf.len() as u32;
+        buf.resize(edtl as usize, 0);
         if received < edtl {
             let unsolicited_end = if c.final_bit {
                 received
@@ -1091,6 +1093,7 @@ where
     let mut out = Vec::with_capacity(256 << 10);
     let mut broken = false;
     while session.out.pop_all(&mut batch).await {
+        gather_completions(&session, &mut batch).await;
         let mut close = false;
         for item in batch.drain(..) {
             if close {
@@ -1150,6 +1153,36 @@ where
             let _ = session.stream.flush().await;
             return;
         }
+    }
+}
+
+/// Scheduler turns the writer waits at most for more completions before it sends.
+const GATHER_TURNS_MAX: u32 = 32;
+
+/// Adds to `batch` the completions that arrive within the next few scheduler turns, while
+/// commands are still running.
+///
+/// Commands that finish together rarely finish in the same turn: the writes of one group
+/// commit are released one after another (each takes the oplog's commit lock in turn to learn
+/// that its batch is durable), so an eager writer sends one or two responses per `send`. Each
+/// `send` on loopback also runs the receiver's TCP path on this core, and each wakes the
+/// initiator. Yielding while the last turn brought a completion and others are still running
+/// sends the whole group in one call; when no other command is running (QD1) it costs nothing.
+async fn gather_completions<T, S>(session: &Session<T, S>, batch: &mut Vec<Out>) {
+    for _ in 0..GATHER_TURNS_MAX {
+        let queued = batch
+            .iter()
+            .filter(|item| matches!(item, Out::Task { .. }))
+            .count();
+        // `tasks` holds every command not yet answered: running ones and those in `batch`.
+        if session.tasks.borrow().len() <= queued {
+            return;
+        }
+        futures_lite::future::yield_now().await;
+        if session.out.len() == 0 {
+            return;
+        }
+        session.out.pop_all(batch).await;
     }
 }
 
