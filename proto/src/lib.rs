@@ -29,6 +29,8 @@ mod tests {
                 capacity_bytes: 1 << 30,
                 used_bytes: 0,
             }],
+            block: "b1".into(),
+            rack: "r1".into(),
         };
         let bytes = info.encode_to_vec();
         assert_eq!(NodeInfo::decode(bytes.as_slice()).unwrap(), info);

@@ -189,6 +189,9 @@ pub struct Oplog<D: BlockDevice> {
     slices_per_egroup: u32,
     state: RefCell<State>,
     commit_lock: async_lock::Mutex<()>,
+    /// Signalled whenever the commit lock is released: writers waiting for their batch sleep
+    /// on it together instead of queueing on the lock (which would wake them one per turn).
+    commit_released: event_listener::Event,
     /// Signalled when a batch becomes durable (the drain waits on it).
     committed: event_listener::Event,
     /// Signalled when the drain freed space (back-pressured writers wait on it).
@@ -206,6 +209,19 @@ pub type Replicator = Box<
         Rc<[u8]>,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>>>>,
 >;
+
+/// The commit lock, held; dropping it releases the lock, then wakes the waiting writers.
+struct CommitGuard<'a> {
+    guard: Option<async_lock::MutexGuard<'a, ()>>,
+    released: &'a event_listener::Event,
+}
+
+impl Drop for CommitGuard<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        self.released.notify(usize::MAX);
+    }
+}
 
 /// Extent group id of the `n`-th oplog extent group of `vdisk`.
 pub fn oplog_egid(vdisk: u64, n: u32) -> ExtentGroupId {
@@ -433,6 +449,7 @@ impl<D: BlockDevice> Oplog<D> {
                 failed: false,
             }),
             commit_lock: async_lock::Mutex::new(()),
+            commit_released: event_listener::Event::new(),
             committed: event_listener::Event::new(),
             drained: event_listener::Event::new(),
             cap_bytes,
@@ -575,13 +592,15 @@ impl<D: BlockDevice> Oplog<D> {
                 }
             }
             // Full: commit it (or wait for whoever is committing) and try again.
-            let _guard = self.commit_lock.lock().await;
+            let _guard = self.lock_commit().await;
             self.commit_filling().await?;
         }
     }
 
     async fn wait_durable(&self, ticket: u64) -> Result<(), OplogError> {
         loop {
+            // Listen before looking, so a release between the look and the wait is not missed.
+            let released = self.commit_released.listen();
             {
                 let st = self.state.borrow();
                 if st.durable_ticket >= ticket {
@@ -591,12 +610,28 @@ impl<D: BlockDevice> Oplog<D> {
                     return Err(OplogError::Failed { vdisk: self.vdisk });
                 }
             }
-            let _guard = self.commit_lock.lock().await;
-            if self.state.borrow().durable_ticket >= ticket {
-                return Ok(());
+            match self.try_lock_commit() {
+                // Nobody is committing: commit the filling batch (ours is in it).
+                Some(_guard) => self.commit_filling().await?,
+                // A commit is under way, maybe of our batch: every waiter wakes when it ends.
+                None => released.await,
             }
-            self.commit_filling().await?;
         }
+    }
+
+    /// Takes the commit lock; releasing it wakes every writer waiting for durability.
+    async fn lock_commit(&self) -> CommitGuard<'_> {
+        CommitGuard {
+            guard: Some(self.commit_lock.lock().await),
+            released: &self.commit_released,
+        }
+    }
+
+    fn try_lock_commit(&self) -> Option<CommitGuard<'_>> {
+        self.commit_lock.try_lock().map(|g| CommitGuard {
+            guard: Some(g),
+            released: &self.commit_released,
+        })
     }
 
     /// Writes the filling batch and flushes. Caller holds the commit lock.
@@ -773,7 +808,7 @@ impl<D: BlockDevice> Oplog<D> {
             }
             off += len;
         }
-        let _guard = self.commit_lock.lock().await;
+        let _guard = self.lock_commit().await;
         {
             let mut st = self.state.borrow_mut();
             if st.failed {
