@@ -378,6 +378,9 @@ fn purge_releases_a_deleted_vdisk_and_nothing_else() {
     });
 }
 
+/// A batch a replicator was handed: (sequence, bytes).
+type Sent = (u64, Vec<u8>);
+
 /// A primary vdisk whose oplog replicates every batch into a replica oplog on another device:
 /// after the primary is gone, the vdisk opened on the replica's device (a failover) reads every
 /// acknowledged write back. The replica refuses gaps and corrupt batches and acknowledges
@@ -408,7 +411,7 @@ fn a_replica_oplog_replays_on_its_own_device_after_failover() {
                 .unwrap(),
         );
         let primary = open(dev_a.clone(), meta.clone()).await;
-        let sent: Rc<RefCell<Vec<(u64, Vec<u8>)>>> = Rc::default();
+        let sent: Rc<RefCell<Vec<Sent>>> = Rc::default();
         {
             let (replica, sent) = (replica.clone(), sent.clone());
             primary.oplog().set_replicator(Box::new(move |seq, bytes| {
