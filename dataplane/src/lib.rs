@@ -15,6 +15,7 @@ pub mod metadata;
 pub mod metadata_redb;
 pub mod nbd;
 pub mod target;
+pub mod transport;
 pub mod vdisk;
 
 pub use blockstore;
