@@ -3,7 +3,7 @@
 //! The replication protocol (oplog writes copied to RF-1 peers before the host is acknowledged)
 //! is written against [`Transport`] and [`Handler`] alone, so the same code runs over TCP
 //! ([`tcp`]), RDMA (`rdma`, behind the `rdma` cargo feature) or the seeded in-memory network of
-//! the deterministic tests (`sim`).
+//! the deterministic tests ([`sim`]).
 //!
 //! The shape is request/response: [`Transport::call`] sends a [`Message`] to a peer and waits
 //! for the one message its [`Handler`] answers with. A message carries what replication
@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub mod frame;
+pub mod sim;
 
 pub use frame::FrameError;
 
