@@ -638,7 +638,10 @@ mod tests {
         );
         assert_eq!(edit(&|c| c[5] = 0), FrameError::UnknownKind { code: 0 });
         assert_eq!(edit(&|c| c[5] = 5), FrameError::UnknownKind { code: 5 });
-        assert_eq!(edit(&|c| c[7] = 0x80), FrameError::UnknownFlags { flags: 0x8000 });
+        assert_eq!(
+            edit(&|c| c[7] = 0x80),
+            FrameError::UnknownFlags { flags: 0x8000 }
+        );
         assert_eq!(edit(&|c| c[60] = 1), FrameError::ReservedNotZero);
         // A shorter message header (the payload then starts earlier).
         assert_eq!(
@@ -675,7 +678,10 @@ mod tests {
         reseal(&mut c);
         assert!(matches!(
             decode(&c, u32::MAX).unwrap_err(),
-            FrameError::TooLarge { max: MAX_PAYLOAD_LEN, .. }
+            FrameError::TooLarge {
+                max: MAX_PAYLOAD_LEN,
+                ..
+            }
         ));
         // Encoding refuses too.
         let big = Message {

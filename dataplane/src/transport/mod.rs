@@ -21,6 +21,7 @@ use std::time::Duration;
 
 pub mod frame;
 pub mod sim;
+pub mod tcp;
 
 pub use frame::FrameError;
 

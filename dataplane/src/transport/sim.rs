@@ -339,7 +339,10 @@ impl<H: Handler + 'static> SimNetwork<H> {
     /// Brings a crashed node back with `handler`.
     pub fn restart(&self, id: NodeId, handler: Rc<H>) {
         let mut state = self.state.borrow_mut();
-        let slot = state.nodes.get_mut(&id).expect("restart of an unknown node");
+        let slot = state
+            .nodes
+            .get_mut(&id)
+            .expect("restart of an unknown node");
         *slot = Some(handler);
     }
 
@@ -479,7 +482,12 @@ impl<H: Handler + 'static> SimNetwork<H> {
                 message,
             } => {
                 if state.cut(from, to) {
-                    state.record(call, from, to, TraceKind::ResponseDropped(DropCause::Partition));
+                    state.record(
+                        call,
+                        from,
+                        to,
+                        TraceKind::ResponseDropped(DropCause::Partition),
+                    );
                     return;
                 }
                 let waiter = state.calls.remove(&call);
@@ -689,9 +697,9 @@ mod tests {
             for i in 0..60u64 {
                 let from = nodes[(i % 3) as usize].clone();
                 let to = (i + 1) % 3 + 1;
-                calls.push(glommio::spawn_local(async move {
-                    from.call(to, msg(i)).await
-                }));
+                calls.push(glommio::spawn_local(
+                    async move { from.call(to, msg(i)).await },
+                ));
             }
             net.run_until_idle().await;
             let mut outcomes = Vec::new();
@@ -712,7 +720,11 @@ mod tests {
         // not in send order.
         let timeouts = out_a.iter().filter(|r| r.is_err()).count();
         assert!(timeouts > 0 && timeouts < 40, "{timeouts} timeouts");
-        assert!(trace_a.iter().any(|e| e.kind == TraceKind::RequestDropped(DropCause::Random)));
+        assert!(
+            trace_a
+                .iter()
+                .any(|e| e.kind == TraceKind::RequestDropped(DropCause::Random))
+        );
         let delivered: Vec<u64> = trace_a
             .iter()
             .filter(|e| e.kind == TraceKind::RequestDelivered)
@@ -787,9 +799,11 @@ mod tests {
             }
 
             // A partition made while a response is in flight cuts it too.
-            let mut slow = LinkConfig::default();
-            slow.delay_min = Duration::from_millis(10);
-            slow.delay_max = Duration::from_millis(10);
+            let slow = LinkConfig {
+                delay_min: Duration::from_millis(10),
+                delay_max: Duration::from_millis(10),
+                ..LinkConfig::default()
+            };
             net.heal();
             net.set_link(2, 1, slow);
             let pending = call(0, 2, 7);
@@ -797,8 +811,12 @@ mod tests {
             net.partition(&[&[1, 3], &[2]]);
             net.run_until_idle().await;
             assert!(matches!(pending.await, Err(TransportError::Timeout { .. })));
-            assert!(net.trace().iter().any(|e| e.call == 6
-                && e.kind == TraceKind::ResponseDropped(DropCause::Partition)));
+            assert!(
+                net.trace()
+                    .iter()
+                    .any(|e| e.call == 6
+                        && e.kind == TraceKind::ResponseDropped(DropCause::Partition))
+            );
 
             net.heal();
             let healed = [call(0, 2, 8), call(1, 1, 9), call(2, 1, 10)];
@@ -819,7 +837,10 @@ mod tests {
             let a2 = a.clone();
             let down = glommio::spawn_local(async move { a2.call(2, msg(1)).await });
             net.run_until_idle().await;
-            assert!(matches!(down.await, Err(TransportError::Timeout { peer: 2, .. })));
+            assert!(matches!(
+                down.await,
+                Err(TransportError::Timeout { peer: 2, .. })
+            ));
             net.restart(2, Rc::new(Echo));
             let a2 = a.clone();
             let up = glommio::spawn_local(async move { a2.call(2, msg(2)).await });
