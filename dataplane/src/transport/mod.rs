@@ -20,6 +20,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub mod frame;
+#[cfg(feature = "rdma")]
+pub mod rdma;
 pub mod sim;
 pub mod tcp;
 
