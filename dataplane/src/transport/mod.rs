@@ -19,6 +19,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+#[cfg_attr(not(feature = "rdma"), allow(dead_code))] // used by the rdma backend
+mod fdwatch;
 pub mod frame;
 #[cfg(feature = "rdma")]
 pub mod rdma;

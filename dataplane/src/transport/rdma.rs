@@ -49,11 +49,12 @@ use std::ffi::c_void;
 use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::RawFd;
 use std::ptr;
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::task::{Poll, Waker};
+
+use super::fdwatch::FdWatch;
 use std::time::{Duration, Instant};
 
 use futures_lite::future;
@@ -312,125 +313,6 @@ impl Drop for Region {
             ibv::ibv_dereg_mr(self.mr);
             libc::munmap(self.base as *mut c_void, self.len);
         }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Sleeping on a file descriptor from a glommio task
-
-#[derive(Default)]
-struct WatchState {
-    waker: Option<Waker>,
-    ready: bool,
-    stop: bool,
-}
-
-/// A helper thread that waits in `poll(2)` on one fd while a task is waiting for it.
-struct FdWatch {
-    state: Arc<Mutex<WatchState>>,
-    kick: RawFd,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl FdWatch {
-    fn new(fd: RawFd) -> io::Result<FdWatch> {
-        // SAFETY: plain syscall.
-        let kick = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
-        if kick < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let state = Arc::new(Mutex::new(WatchState::default()));
-        let thread_state = state.clone();
-        let thread = std::thread::Builder::new()
-            .name("cairn-rdma-watch".into())
-            .spawn(move || watch_loop(fd, kick, &thread_state))?;
-        Ok(FdWatch {
-            state,
-            kick,
-            thread: Some(thread),
-        })
-    }
-
-    fn kick(&self) {
-        let one = 1u64;
-        // SAFETY: writes 8 bytes to our eventfd.
-        unsafe { libc::write(self.kick, &one as *const u64 as *const c_void, 8) };
-    }
-
-    /// Returns once the fd has been readable since the call began.
-    async fn readable(&self) {
-        poll_fn(|cx| {
-            let mut state = self.state.lock().expect("watch state");
-            if state.ready {
-                state.ready = false;
-                return Poll::Ready(());
-            }
-            let arm = state.waker.is_none();
-            state.waker = Some(cx.waker().clone());
-            drop(state);
-            if arm {
-                self.kick();
-            }
-            Poll::Pending
-        })
-        .await
-    }
-}
-
-fn watch_loop(fd: RawFd, kick: RawFd, state: &Mutex<WatchState>) {
-    loop {
-        let armed = {
-            let s = state.lock().expect("watch state");
-            if s.stop {
-                return;
-            }
-            s.waker.is_some()
-        };
-        let mut fds = [
-            libc::pollfd {
-                fd: kick,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        let count = if armed { 2 } else { 1 };
-        // SAFETY: `fds` outlives the call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), count, -1) };
-        if n < 0 {
-            continue; // EINTR
-        }
-        if fds[0].revents != 0 {
-            let mut buf = 0u64;
-            // SAFETY: drains our eventfd.
-            unsafe { libc::read(kick, &mut buf as *mut u64 as *mut c_void, 8) };
-        }
-        if armed && fds[1].revents != 0 {
-            let waker = {
-                let mut s = state.lock().expect("watch state");
-                s.ready = true;
-                s.waker.take()
-            };
-            if let Some(w) = waker {
-                w.wake();
-            }
-        }
-    }
-}
-
-impl Drop for FdWatch {
-    fn drop(&mut self) {
-        self.state.lock().expect("watch state").stop = true;
-        self.kick();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        // SAFETY: our eventfd, closed once.
-        unsafe { libc::close(self.kick) };
     }
 }
 
