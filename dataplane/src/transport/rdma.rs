@@ -38,7 +38,10 @@
 //! server's listener runs a helper thread on the CM event channel that hands connection requests
 //! and disconnects to the core, which creates the queue pair, posts receives and accepts. A work
 //! completion with an error (peer gone: retry exceeded, flushed) closes the connection and fails
-//! its calls with [`TransportError::PeerClosed`]; the next call reconnects.
+//! its calls with [`TransportError::PeerClosed`]; the next call reconnects. A closed queue pair
+//! is destroyed once its flushed work requests have come back (their slots return to the region)
+//! and, for an accepted one, once the listener has reported its disconnect. Each queue pair also
+//! bounds its own send queue at `depth` posted sends: a sender waits for room.
 //!
 //! Nothing here is exercised by `cargo test` (CI has no RDMA device); `hw-tests/rdma/run.sh` runs
 //! the loopback test on a host with a NIC or soft-RoCE and skips loudly without one.
@@ -371,6 +374,41 @@ struct Qp {
     channel: *mut ibv::rdma_event_channel,
     role: Role,
     closed: Cell<bool>,
+    /// Work requests posted and not completed yet (receives and sends).
+    posted: Cell<u32>,
+    /// Sends the send queue has room for (`depth`): a sender waits for one (back-pressure).
+    sends: Semaphore,
+    /// No more CM events will name this id (always for a client's own channel; for an accepted
+    /// id once the listener reported its disconnect), so it may be destroyed.
+    cm_done: Cell<bool>,
+    reaped: Cell<bool>,
+}
+
+impl Qp {
+    #[allow(clippy::too_many_arguments)] // one place builds every queue pair's bookkeeping
+    fn new(
+        no: u32,
+        peer: NodeId,
+        id: *mut ibv::rdma_cm_id,
+        channel: *mut ibv::rdma_event_channel,
+        role: Role,
+        depth: u32,
+        posted: u32,
+        cm_done: bool,
+    ) -> Qp {
+        Qp {
+            no,
+            peer,
+            id,
+            channel,
+            role,
+            closed: Cell::new(false),
+            posted: Cell::new(posted),
+            sends: Semaphore::new(u64::from(depth)),
+            cm_done: Cell::new(cm_done),
+            reaped: Cell::new(false),
+        }
+    }
 }
 
 /// The per-core RDMA state: device context, PD, CQ, buffers, connections.
@@ -558,14 +596,20 @@ impl RdmaDevice {
             }
             return;
         };
+        qp.posted.set(qp.posted.get() - 1);
+        if !recv {
+            qp.sends.signal(1);
+        }
         if wc.status != ibv::ibv_wc_status::IBV_WC_SUCCESS {
             if recv {
                 self.region.give(slot);
             }
             self.close_qp(&qp, TransportError::PeerClosed { peer: qp.peer });
+            self.reap(&qp);
             return;
         }
         if !recv {
+            self.reap(&qp);
             return;
         }
         let len = wc.byte_len as usize;
@@ -576,6 +620,7 @@ impl RdmaDevice {
         // The bytes are copied out: the slot goes straight back to the receive queue.
         if self.post_recv(&qp, slot).is_err() {
             self.region.give(slot);
+            self.reap(&qp);
         }
         let frame = match decoded {
             Ok((frame, used)) if used == len => frame,
@@ -673,6 +718,7 @@ impl RdmaDevice {
         if rc != 0 {
             return Err(io::Error::from_raw_os_error(rc));
         }
+        qp.posted.set(qp.posted.get() + 1);
         Ok(())
     }
 
@@ -699,6 +745,12 @@ impl RdmaDevice {
                 max,
             }
         })?;
+        // Room in the send queue first (given back by the send's completion), then a buffer.
+        let room = qp
+            .sends
+            .acquire_permit(1)
+            .await
+            .map_err(|_| TransportError::PeerClosed { peer: qp.peer })?;
         let slot = self.region.take().await;
         let len = HEAD_LEN + message.payload.len();
         let buf = self.region.bytes_mut(slot, len);
@@ -708,6 +760,7 @@ impl RdmaDevice {
             self.region.give(slot);
             return Err(TransportError::PeerClosed { peer: qp.peer });
         }
+        std::mem::forget(room); // signalled back by the completion
         let mut sge = ibv::ibv_sge {
             addr: self.region.addr(slot) as u64,
             length: len as u32,
@@ -725,9 +778,11 @@ impl RdmaDevice {
         let rc = unsafe { ibv::ibv_post_send((*qp.id).qp, &mut wr, &mut bad) };
         if rc != 0 {
             self.region.give(slot);
+            qp.sends.signal(1);
             self.close_qp(qp, TransportError::PeerClosed { peer: qp.peer });
             return Err(TransportError::PeerClosed { peer: qp.peer });
         }
+        qp.posted.set(qp.posted.get() + 1);
         self.outstanding.set(self.outstanding.get() + 1);
         Ok(())
     }
@@ -742,14 +797,16 @@ impl RdmaDevice {
     ) -> Rc<Qp> {
         let no = self.next_qp.get();
         self.next_qp.set(no.wrapping_add(1).max(1) & 0x7fff_ffff);
-        let qp = Rc::new(Qp {
+        let qp = Rc::new(Qp::new(
             no,
             peer,
             id,
             channel,
             role,
-            closed: Cell::new(false),
-        });
+            self.config.depth,
+            0,
+            false,
+        ));
         self.qps.borrow_mut().insert(no, qp.clone());
         for _ in 0..self.config.depth {
             let slot = self.region.take().await;
@@ -776,11 +833,29 @@ impl RdmaDevice {
             }
             credits.close();
         }
+        qp.sends.close();
         // SAFETY: the id is ours; the QP moves to the error state and flushes its work requests,
-        // whose completions (handled by `complete`) return the slots. The QP and id are destroyed
-        // when the device drops the bookkeeping entry (see Drop).
+        // whose completions (handled by `complete`) return the slots; once none is left and the
+        // CM is done with the id, `reap` destroys it.
         unsafe {
             ibv::rdma_disconnect(qp.id);
+        }
+    }
+
+    /// Destroys a closed queue pair once nothing is posted on it and no CM event can name it.
+    fn reap(&self, qp: &Qp) {
+        if !qp.closed.get() || qp.posted.get() != 0 || !qp.cm_done.get() || qp.reaped.replace(true)
+        {
+            return;
+        }
+        self.qps.borrow_mut().remove(&qp.no);
+        // SAFETY: closed, nothing posted, no CM event pending for it: nobody uses the id again.
+        unsafe {
+            ibv::rdma_destroy_qp(qp.id);
+            ibv::rdma_destroy_id(qp.id);
+            if !qp.channel.is_null() {
+                ibv::rdma_destroy_event_channel(qp.channel);
+            }
         }
     }
 
@@ -932,34 +1007,31 @@ impl RdmaTransport {
                 return Err(unreachable(e));
             }
         };
-        if answered != peer_id {
-            // SAFETY: the id and channel were just created for us; nobody else holds them.
-            unsafe {
-                ibv::rdma_disconnect(id.0);
-                ibv::rdma_destroy_qp(id.0);
-                ibv::rdma_destroy_id(id.0);
-                ibv::rdma_destroy_event_channel(channel.0);
-            }
-            // The posted receives were flushed with the QP; their slots are lost to this
-            // region until restart, which a misconfigured address book deserves to be loud about.
-            return Err(TransportError::WrongNode {
-                peer: peer_id,
-                answered,
-            });
-        }
-        let qp = Rc::new(Qp {
+        let qp = Rc::new(Qp::new(
             no,
-            peer: peer_id,
-            id: id.0,
-            channel: channel.0,
-            role: Role::Client {
+            peer_id,
+            id.0,
+            channel.0,
+            Role::Client {
                 pending: RefCell::new(HashMap::new()),
                 next_id: Cell::new(1),
                 credits: Semaphore::new(u64::from(depth)),
             },
-            closed: Cell::new(false),
-        });
+            depth,
+            depth, // connect_blocking posted every receive or failed
+            true,  // its own event channel: nothing else reads events for it
+        ));
         device.qps.borrow_mut().insert(no, qp.clone());
+        if answered != peer_id {
+            // Closing flushes the posted receives back into the region and then reaps the QP.
+            let error = TransportError::WrongNode {
+                peer: peer_id,
+                answered,
+            };
+            device.close_qp(&qp, error.clone());
+            device.reap(&qp);
+            return Err(error);
+        }
         *peer.qp.borrow_mut() = Some(qp.clone());
         Ok(qp)
     }
@@ -1389,8 +1461,11 @@ pub async fn serve<H: Handler + 'static>(
                 }
             }
             CmNews::Disconnected { id } => {
-                if let Some(qp) = by_id.borrow_mut().remove(&(id.0 as usize)) {
+                let qp = by_id.borrow_mut().remove(&(id.0 as usize));
+                if let Some(qp) = qp {
                     device.close_qp(&qp, TransportError::PeerClosed { peer: qp.peer });
+                    qp.cm_done.set(true);
+                    device.reap(&qp);
                 }
             }
             CmNews::Failed(source) => {
