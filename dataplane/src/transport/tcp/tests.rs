@@ -542,3 +542,56 @@ fn shutdown_fails_calls_in_flight() {
         server.stop().await;
     });
 }
+
+#[test]
+fn each_core_keeps_its_own_connection_to_a_peer() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::mpsc;
+
+    let (addr_tx, addr_rx) = mpsc::channel();
+    let stop = Arc::new(AtomicBool::new(false));
+    let server_stop = stop.clone();
+    let server = LocalExecutorBuilder::default()
+        .io_memory(1 << 20)
+        .name("transport-server")
+        .spawn(move || async move {
+            let server = Server::start(2, Rc::new(SlowEcho), quick());
+            addr_tx.send(server.addr).unwrap();
+            while !server_stop.load(Ordering::Acquire) {
+                glommio::timer::sleep(Duration::from_millis(5)).await;
+            }
+            server.stop().await
+        })
+        .unwrap();
+    let addr = addr_rx.recv().unwrap();
+    let cores: Vec<_> = (0..2u64)
+        .map(|core| {
+            LocalExecutorBuilder::default()
+                .io_memory(1 << 20)
+                .name("transport-core")
+                .spawn(move || async move {
+                    let c = client(1, 2, addr, quick());
+                    let calls: Vec<_> = (0..50u64)
+                        .map(|i| {
+                            let c = c.clone();
+                            let m = msg(core * 1000 + i, 300);
+                            glommio::spawn_local(async move { (c.call(2, m.clone()).await, m) })
+                        })
+                        .collect();
+                    for call in calls {
+                        let (got, sent) = call.await;
+                        assert_eq!(got.unwrap(), sent);
+                    }
+                    c.connections_opened()
+                })
+                .unwrap()
+        })
+        .collect();
+    for core in cores {
+        assert_eq!(core.join().unwrap(), 1, "one connection per peer per core");
+    }
+    stop.store(true, Ordering::Release);
+    let summary = server.join().unwrap();
+    assert_eq!(summary.connections, 2, "one connection from each core");
+    assert_eq!(summary.requests, 100);
+}
