@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs every cargo-fuzz target in fuzz/ for ${FUZZ_SECONDS:-20} seconds each; fails on the first
+# Runs every cargo-fuzz target in fuzz/ (nbd_request, iscsi_pdu, transport_frame, and any added to
+# fuzz/Cargo.toml) for ${FUZZ_SECONDS:-20} seconds each; fails on the first
 # crash (the reproducer is left in fuzz/artifacts/<target>/). Installs cargo-fuzz if missing.
 # Needs the nightly toolchain (`rustup toolchain install nightly`).
 set -euo pipefail

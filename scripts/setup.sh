@@ -14,6 +14,9 @@ packages=(
   libiscsi-bin                  # iscsi-test-cu conformance suite and iscsi-perf
   iptables                      # partitions in the multi-node control-plane tests
   tgt                           # tgtd/tgtadm: the iSCSI target Cairn's is compared against
+  libibverbs-dev librdmacm-dev  # rdma-core headers and .pc files: the RDMA transport (feature rdma)
+  libclang-dev                  # bindgen in rdma-sys's build script
+  rdma-core ibverbs-utils       # rdma link / ibv_devices for hw-tests/rdma (soft-RoCE set-up)
 )
 
 if [ "$(id -u)" -ne 0 ]; then

@@ -20,6 +20,10 @@ cargo check $jobs -p blockstore --no-default-features
 step "SPDK backend type-checks (cargo check --features spdk; runs in hw-tests/ where SPDK is)"
 cargo check $jobs -p blockstore --features spdk --all-targets
 
+step "RDMA transport type-checks (cargo check --features rdma; runs in hw-tests/rdma where a device is)"
+cargo check $jobs -p dataplane --features rdma --all-targets
+cargo check $jobs --features rdma
+
 step "tests (crash suite: ${CAIRN_CRASH_SEEDS:-1000} seeds)"
 cargo test $jobs --workspace
 

@@ -196,6 +196,12 @@ impl<T> LocalQueue<T> {
     pub(crate) fn close(&self) {
         self.ready.close();
     }
+
+    /// Moves the items still queued into `out`: after [`LocalQueue::close`], the way a consumer
+    /// finishes the work queued before the close (which `pop` and `pop_all` no longer return).
+    pub(crate) fn take_remaining(&self, out: &mut Vec<T>) {
+        out.extend(self.items.borrow_mut().drain(..));
+    }
 }
 
 /// A request buffer from a [`BufPool`]: a reused `Vec` viewed at the request's length.
