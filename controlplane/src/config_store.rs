@@ -4,6 +4,7 @@
 //!
 //! ```text
 //!  node/<node id, 20 digits>            NodeRecord
+//!  disk/<node id, 20 digits>/<path>     DiskRecord (what the node reports, kept by the leader)
 //!  container/<name>                     ContainerRecord
 //!  vdisk/<container>/<name>             VdiskRecord
 //!  counter/container_id, counter/vdisk_id   u64, the last id handed out
@@ -62,6 +63,19 @@ pub struct NodeRecord {
     pub block: String,
     /// Rack name.
     pub rack: String,
+}
+
+/// A disk (device) of a node, with its tier.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskRecord {
+    /// The node that owns it.
+    pub node_id: NodeId,
+    /// Its path on that node.
+    pub path: String,
+    /// nvme, ssd, hdd or mem.
+    pub tier: String,
+    /// Capacity, bytes.
+    pub capacity_bytes: u64,
 }
 
 /// Compression policy of a container.
@@ -245,6 +259,9 @@ impl From<ConfigError> for tonic::Status {
 
 fn node_key(id: NodeId) -> Vec<u8> {
     format!("node/{id:020}").into_bytes()
+}
+fn disk_prefix(node: NodeId) -> Vec<u8> {
+    format!("disk/{node:020}/").into_bytes()
 }
 fn container_key(name: &str) -> Vec<u8> {
     format!("container/{name}").into_bytes()
@@ -493,6 +510,75 @@ impl ConfigStore {
             .await
         })
         .await
+    }
+
+    /// Makes node `node_id`'s disk records exactly `disks` (what the node reports about its
+    /// devices): adds new ones, rewrites changed ones, deletes vanished ones, in one batch.
+    /// Returns whether anything changed.
+    pub async fn set_node_disks(
+        &self,
+        node_id: NodeId,
+        disks: &[DiskRecord],
+    ) -> Result<bool, ConfigError> {
+        let name = node_id.to_string();
+        self.retrying(RecordKind::Node, &name, || async {
+            let prefix = disk_prefix(node_id);
+            let current: Vec<(Vec<u8>, Stored<DiskRecord>)> = self
+                .group
+                .scan(&prefix, ReadConsistency::Linearizable)
+                .await?
+                .into_iter()
+                .filter_map(|(k, v)| {
+                    let record = postcard::from_bytes(&v.value).ok()?;
+                    Some((
+                        k,
+                        Stored {
+                            record,
+                            version: v.version,
+                        },
+                    ))
+                })
+                .collect();
+            let mut ops = Vec::new();
+            for d in disks {
+                let mut key = prefix.clone();
+                key.extend_from_slice(d.path.as_bytes());
+                match current.iter().find(|(k, _)| *k == key) {
+                    Some((_, s)) if s.record == *d => {}
+                    Some((_, s)) => ops.push(KvOp::Put {
+                        key,
+                        value: encode(d),
+                        expect: Expect::Version(s.version),
+                    }),
+                    None => ops.push(KvOp::Put {
+                        key,
+                        value: encode(d),
+                        expect: Expect::Absent,
+                    }),
+                }
+            }
+            for (key, s) in &current {
+                if !disks.iter().any(|d| d.path == s.record.path) {
+                    ops.push(KvOp::Delete {
+                        key: key.clone(),
+                        expect: Expect::Version(s.version),
+                    });
+                }
+            }
+            if ops.is_empty() {
+                return Ok(Attempt::Done(false));
+            }
+            Ok(match self.commit(ops).await? {
+                Attempt::Done(_) => Attempt::Done(true),
+                Attempt::Retry => Attempt::Retry,
+            })
+        })
+        .await
+    }
+
+    /// Every disk of every node, by node then path.
+    pub async fn disks(&self) -> Result<Vec<Stored<DiskRecord>>, ConfigError> {
+        self.list(b"disk/").await
     }
 
     /// Every node, by id.

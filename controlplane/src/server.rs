@@ -65,7 +65,8 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
 use crate::config_store::{
-    Compression, ConfigError, ContainerRecord, ContainerSettings, NodeRecord, Stored, VdiskRecord,
+    Compression, ConfigError, ContainerRecord, ContainerSettings, DiskRecord, NodeRecord, Stored,
+    VdiskRecord,
 };
 use crate::grpc::{GrpcTransport, RaftGrpcService};
 use crate::kv::{Expect, KvOp, Versioned};
@@ -214,6 +215,8 @@ pub struct ConfigView {
     pub containers: Vec<Stored<ContainerRecord>>,
     /// Vdisks by container, then name.
     pub vdisks: Vec<Stored<VdiskRecord>>,
+    /// Disks of every node with their tiers, by node then path.
+    pub disks: Vec<Stored<DiskRecord>>,
 }
 
 /// Starts a node's control plane.
@@ -622,6 +625,7 @@ impl Node {
             nodes: self.local_records(b"node/").await?,
             containers: self.local_records(b"container/").await?,
             vdisks: self.local_records(b"vdisk/").await?,
+            disks: self.local_records(b"disk/").await?,
         })
     }
 
@@ -713,6 +717,58 @@ impl Node {
                     eprintln!(
                         "cairn control plane: node {}: recording the domain of node {}: {e}",
                         self.node_id, r.node_id
+                    );
+                }
+                // Its disks, as it reports them (only when they differ from the records).
+                let devices = if r.node_id == self.node_id {
+                    Some(self.devices.lock().map(|d| d.clone()).unwrap_or_default())
+                } else {
+                    infos.get(&r.node_id).map(|i| i.devices.clone())
+                };
+                if let Some(devices) = devices {
+                    let disks: Vec<DiskRecord> = devices
+                        .into_iter()
+                        .map(|d| DiskRecord {
+                            node_id: r.node_id,
+                            path: d.path,
+                            tier: d.tier,
+                            capacity_bytes: d.capacity_bytes,
+                        })
+                        .collect();
+                    let recorded: Vec<DiskRecord> = self
+                        .config_tx
+                        .borrow()
+                        .disks
+                        .iter()
+                        .filter(|s| s.record.node_id == r.node_id)
+                        .map(|s| s.record.clone())
+                        .collect();
+                    let same =
+                        recorded.len() == disks.len() && disks.iter().all(|d| recorded.contains(d));
+                    if !same && let Err(e) = self.config.set_node_disks(r.node_id, &disks).await {
+                        eprintln!(
+                            "cairn control plane: node {}: recording the disks of node {}: {e}",
+                            self.node_id, r.node_id
+                        );
+                    }
+                }
+            }
+        }
+        // Disks of nodes that were removed go with them.
+        let orphaned: BTreeSet<NodeId> = self
+            .config_tx
+            .borrow()
+            .disks
+            .iter()
+            .map(|s| s.record.node_id)
+            .filter(|id| !nodes.iter().any(|n| n.record.node_id == *id))
+            .collect();
+        if config_metrics.state == ServerState::Leader {
+            for id in orphaned {
+                if let Err(e) = self.config.set_node_disks(id, &[]).await {
+                    eprintln!(
+                        "cairn control plane: node {}: removing the disks of node {id}: {e}",
+                        self.node_id
                     );
                 }
             }

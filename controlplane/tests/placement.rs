@@ -37,6 +37,12 @@ fn start(
     o.join = peers.is_empty();
     o.metadata_shards = SHARDS;
     o.block = block.to_string();
+    o.devices = vec![pb::DeviceInfo {
+        path: format!("/dev/disk-of-{id}"),
+        tier: if id % 2 == 0 { "hdd" } else { "ssd" }.into(),
+        capacity_bytes: id << 30,
+        used_bytes: 0,
+    }];
     o.group_options = GroupOptions::for_tests;
     ControlPlane::start(o).unwrap()
 }
@@ -152,6 +158,31 @@ fn voters_spread_over_blocks_are_replaced_when_down_and_restored_on_return() {
         let placed = wait_voters(&a1, "spread over blocks", |_, v, b| distinct_blocks(v, b)).await;
         assert!(placed.contains(&2) && placed.contains(&3));
     });
+    // Every node's disks, with their tiers, are in the config store (what the node reports).
+    let view = nodes[&1].watch_config();
+    let t0 = Instant::now();
+    loop {
+        let disks: Vec<(u64, String, String, u64)> = view
+            .borrow()
+            .disks
+            .iter()
+            .map(|s| {
+                let d = &s.record;
+                (d.node_id, d.path.clone(), d.tier.clone(), d.capacity_bytes)
+            })
+            .collect();
+        let want: Vec<(u64, String, String, u64)> = (1..=4u64)
+            .map(|id| {
+                let tier = if id % 2 == 0 { "hdd" } else { "ssd" };
+                (id, format!("/dev/disk-of-{id}"), tier.to_string(), id << 30)
+            })
+            .collect();
+        if disks == want {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(20), "disks {disks:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
     // Node 2 (the only one in block b) goes away: its seats go to caught-up nodes.
     nodes.remove(&2).unwrap().shutdown();
