@@ -39,7 +39,7 @@ fn start(
     o.block = block.to_string();
     o.devices = vec![pb::DeviceInfo {
         path: format!("/dev/disk-of-{id}"),
-        tier: if id % 2 == 0 { "hdd" } else { "ssd" }.into(),
+        tier: if id.is_multiple_of(2) { "hdd" } else { "ssd" }.into(),
         capacity_bytes: id << 30,
         used_bytes: 0,
     }];
@@ -173,7 +173,7 @@ fn voters_spread_over_blocks_are_replaced_when_down_and_restored_on_return() {
             .collect();
         let want: Vec<(u64, String, String, u64)> = (1..=4u64)
             .map(|id| {
-                let tier = if id % 2 == 0 { "hdd" } else { "ssd" };
+                let tier = if id.is_multiple_of(2) { "hdd" } else { "ssd" };
                 (id, format!("/dev/disk-of-{id}"), tier.to_string(), id << 30)
             })
             .collect();
