@@ -203,9 +203,21 @@ pub async fn serve(
 ) -> Result<(), tonic::transport::Error> {
     tonic::transport::Server::builder()
         .add_service(RaftGrpcService::new(registry).into_server())
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        )
+        .serve_with_incoming_shutdown(incoming_nodelay(listener), shutdown)
         .await
+}
+
+/// The connections `listener` accepts, with Nagle's algorithm off. tonic ignores its own
+/// `tcp_nodelay` setting for connections it is handed (`serve_with_incoming*`); with Nagle on,
+/// a small response waiting behind the peer's delayed ACK stalls about 40 ms (seen as the p99
+/// of metadata commits).
+pub fn incoming_nodelay(
+    listener: tokio::net::TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use tokio_stream::StreamExt;
+    tokio_stream::wrappers::TcpListenerStream::new(listener).map(|conn| {
+        let conn = conn?;
+        conn.set_nodelay(true)?;
+        Ok(conn)
+    })
 }

@@ -544,10 +544,7 @@ impl Node {
             .add_service(ContainerServiceServer::new(svc.clone()))
             .add_service(VdiskServiceServer::new(svc.clone()))
             .add_service(MetadataServiceServer::new(svc))
-            .serve_with_incoming_shutdown(
-                tokio_stream::wrappers::TcpListenerStream::new(listener),
-                stop,
-            )
+            .serve_with_incoming_shutdown(crate::grpc::incoming_nodelay(listener), stop)
     }
 
     fn spawn_background(self: Arc<Self>) {
