@@ -38,6 +38,30 @@ fn cunit_tests(text: &str) -> (usize, usize) {
     (0, 0)
 }
 
+/// A child process killed (-9) and reaped when dropped, so a failing test leaves no node behind.
+struct KillOnDrop(std::process::Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // Both fail harmlessly when the test already stopped and reaped it.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 unsafe extern "C" {
     fn kill(pid: i32, sig: i32) -> i32;
 }
@@ -64,15 +88,17 @@ fn libiscsi_conformance_suite_against_a_node() {
     .unwrap();
     let log = dir.path().join("node.log");
     let out = std::fs::File::create(&log).unwrap();
-    let mut node = Command::new(env!("CARGO_BIN_EXE_cairn"))
-        .args(["node", "run", "--data-dir"])
-        .arg(dir.path())
-        .arg("--config")
-        .arg(&cfg)
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .unwrap();
+    let mut node = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_cairn"))
+            .args(["node", "run", "--data-dir"])
+            .arg(dir.path())
+            .arg("--config")
+            .arg(&cfg)
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap(),
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     while !std::fs::read_to_string(&log)
         .unwrap_or_default()

@@ -35,8 +35,32 @@ fn have(tool: &str) -> bool {
     ok
 }
 
+/// A child process killed (-9) and reaped when dropped, so a failing test leaves no node behind.
+struct KillOnDrop(Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        // Both fail harmlessly when the test already stopped and reaped it.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 struct Node {
-    child: Child,
+    child: KillOnDrop,
     port: u16,
     log: PathBuf,
 }
@@ -56,7 +80,11 @@ impl Node {
             .stderr(out)
             .spawn()
             .expect("start cairn node");
-        let node = Node { child, port, log };
+        let node = Node {
+            child: KillOnDrop(child),
+            port,
+            log,
+        };
         node.wait_ready();
         node
     }
@@ -575,15 +603,17 @@ fn vdisks_on_two_cores_are_served_through_the_mesh() {
     .unwrap();
     let log = dir.path().join("node.log");
     let out = std::fs::File::create(&log).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cairn"))
-        .args(["node", "run", "--data-dir"])
-        .arg(dir.path())
-        .arg("--config")
-        .arg(&cfg)
-        .stdout(out.try_clone().unwrap())
-        .stderr(out)
-        .spawn()
-        .unwrap();
+    let mut child = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_cairn"))
+            .args(["node", "run", "--data-dir"])
+            .arg(dir.path())
+            .arg("--config")
+            .arg(&cfg)
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap(),
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     while !std::fs::read_to_string(&log)
         .unwrap_or_default()
