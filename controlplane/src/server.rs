@@ -723,31 +723,7 @@ impl Node {
                     infos.get(&r.node_id).map(|i| i.devices.clone())
                 };
                 if let Some(devices) = devices {
-                    let disks: Vec<DiskRecord> = devices
-                        .into_iter()
-                        .map(|d| DiskRecord {
-                            node_id: r.node_id,
-                            path: d.path,
-                            tier: d.tier,
-                            capacity_bytes: d.capacity_bytes,
-                        })
-                        .collect();
-                    let recorded: Vec<DiskRecord> = self
-                        .config_tx
-                        .borrow()
-                        .disks
-                        .iter()
-                        .filter(|s| s.record.node_id == r.node_id)
-                        .map(|s| s.record.clone())
-                        .collect();
-                    let same =
-                        recorded.len() == disks.len() && disks.iter().all(|d| recorded.contains(d));
-                    if !same && let Err(e) = self.config.set_node_disks(r.node_id, &disks).await {
-                        eprintln!(
-                            "cairn control plane: node {}: recording the disks of node {}: {e}",
-                            self.node_id, r.node_id
-                        );
-                    }
+                    self.record_disks(r.node_id, devices).await;
                 }
             }
         }
@@ -782,6 +758,36 @@ impl Node {
                     group.group_id()
                 );
             }
+        }
+    }
+
+    /// Makes node `node_id`'s disk records what it reports (writes only when they differ).
+    async fn record_disks(&self, node_id: NodeId, devices: Vec<pb::DeviceInfo>) {
+        let disks: Vec<DiskRecord> = devices
+            .into_iter()
+            .map(|d| DiskRecord {
+                node_id,
+                path: d.path,
+                tier: d.tier,
+                capacity_bytes: d.capacity_bytes,
+            })
+            .collect();
+        let recorded: Vec<DiskRecord> = self
+            .config_tx
+            .borrow()
+            .disks
+            .iter()
+            .filter(|s| s.record.node_id == node_id)
+            .map(|s| s.record.clone())
+            .collect();
+        if recorded.len() == disks.len() && disks.iter().all(|d| recorded.contains(d)) {
+            return;
+        }
+        if let Err(e) = self.config.set_node_disks(node_id, &disks).await {
+            eprintln!(
+                "cairn control plane: node {}: recording the disks of node {node_id}: {e}",
+                self.node_id
+            );
         }
     }
 

@@ -10,13 +10,10 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::time::Duration;
 
-use futures_lite::future;
 use glommio::net::{Preallocated, TcpListener, TcpStream};
-use glommio::sync::Semaphore;
 
-use crate::nbd::io::is_transient;
+use crate::nbd::accept_connections;
 
 use super::login::ChapSecrets;
 use super::pdu::PduError;
@@ -32,8 +29,6 @@ pub const MAX_CONNECTIONS: u64 = 1024;
 /// in every PDU the initiator has queued (32 4 KiB writes with immediate data are 130 KiB), and
 /// the reader copies each out of it. Per connection, so [`MAX_CONNECTIONS`] of them at most.
 pub const RX_BUFFER_BYTES: usize = 128 << 10;
-/// Pause after a transient accept error.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
 /// The default target name prefix; a target is `<prefix>:<vdisk name>`.
 pub const DEFAULT_TARGET_PREFIX: &str = "iqn.2026-11.io.cairn";
 
@@ -158,58 +153,23 @@ pub async fn serve<E: Exports + 'static>(
     shutdown: Shutdown,
 ) -> Result<ServeSummary, ServeError> {
     let registry = Rc::new(Registry::default());
-    let slots = Rc::new(Semaphore::new(MAX_CONNECTIONS));
     let summary = Rc::new(Cell::new(ServeSummary::default()));
-    let result = loop {
-        let slot = async { Some(slots.acquire_static_permit(1).await) };
-        let stop = async {
-            shutdown.wait().await;
-            None
-        };
-        let Some(slot) = future::or(stop, slot).await else {
-            break Ok(());
-        };
-        let slot = slot.expect("connection slots are never closed");
-        let accept = async { Some(listener.accept().await) };
-        let stop = async {
-            shutdown.wait().await;
-            None
-        };
-        let stream = match future::or(stop, accept).await {
-            None => break Ok(()),
-            Some(Ok(stream)) => stream,
-            Some(Err(error)) => {
-                let error = io::Error::from(error);
-                if is_transient(&error) {
-                    glommio::timer::sleep(ACCEPT_BACKOFF).await;
-                    continue;
-                }
-                break Err(ServeError::Accept {
-                    addr: listener.local_addr().ok(),
-                    source: error,
-                });
-            }
-        };
-        let exports = exports.clone();
-        let config = config.clone();
-        let registry = registry.clone();
-        let shutdown = shutdown.clone();
-        let summary = summary.clone();
-        glommio::spawn_local(async move {
+    let addr = listener.local_addr().ok();
+    let counts = summary.clone();
+    accept_connections(listener, MAX_CONNECTIONS, &shutdown, |stream| {
+        let (exports, config, registry) = (exports.clone(), config.clone(), registry.clone());
+        let (shutdown, summary) = (shutdown.clone(), counts.clone());
+        async move {
             let result = handle_connection_with(stream, exports, config, registry, shutdown).await;
             let mut counts = summary.get();
             counts.connections += 1;
             counts.failed += u64::from(result.is_err());
             summary.set(counts);
-            drop(slot);
-        })
-        .detach();
-    };
-    slots
-        .acquire(MAX_CONNECTIONS)
-        .await
-        .expect("connection slots are never closed");
-    result.map(|()| summary.get())
+        }
+    })
+    .await
+    .map_err(|source| ServeError::Accept { addr, source })?;
+    Ok(summary.get())
 }
 
 /// Runs one iSCSI connection (login, then the full feature phase) on an accepted socket, with

@@ -24,6 +24,7 @@ mod server;
 mod transmission;
 
 pub use handshake::MAX_OPTION_DATA_BYTES;
+pub(crate) use server::accept_connections;
 pub use server::{
     HandshakeError, MAX_CONNECTIONS, NbdError, ServeError, ServeSummary, Shutdown,
     TransmissionError, handle_connection, handle_connection_until, serve,

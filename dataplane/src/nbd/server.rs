@@ -186,8 +186,41 @@ pub async fn serve<E: Exports + 'static>(
     exports: Rc<E>,
     shutdown: Shutdown,
 ) -> Result<ServeSummary, ServeError> {
-    let slots = Rc::new(Semaphore::new(MAX_CONNECTIONS));
     let summary = Rc::new(std::cell::Cell::new(ServeSummary::default()));
+    let addr = listener.local_addr().ok();
+    let counts = summary.clone();
+    accept_connections(listener, MAX_CONNECTIONS, &shutdown, |stream| {
+        let (exports, shutdown, summary) = (exports.clone(), shutdown.clone(), counts.clone());
+        async move {
+            let result = handle_connection_until(stream, exports, shutdown).await;
+            let mut counts = summary.get();
+            counts.connections += 1;
+            counts.failed += u64::from(result.is_err());
+            summary.set(counts);
+        }
+    })
+    .await
+    .map_err(|source| ServeError::Accept { addr, source })?;
+    Ok(summary.get())
+}
+
+/// Accepts connections on `listener` until `shutdown` is triggered, at most `max_connections`
+/// at once, and runs `serve_one(stream)` for each as a task on the current executor: the accept
+/// loop of every TCP server of the data plane (NBD, iSCSI, the peer transport). Accept errors
+/// that say "not now" ([`is_transient`]) back off and retry; any other ends the loop. Either way
+/// it then stops listening (new peers are refused rather than left waiting) and returns once
+/// every connection task has finished.
+pub(crate) async fn accept_connections<F, Fut>(
+    listener: TcpListener,
+    max_connections: u64,
+    shutdown: &Shutdown,
+    mut serve_one: F,
+) -> io::Result<()>
+where
+    F: FnMut(TcpStream) -> Fut,
+    Fut: Future<Output = ()> + 'static,
+{
+    let slots = Rc::new(Semaphore::new(max_connections));
     let result = loop {
         let slot = async { Some(slots.acquire_static_permit(1).await) };
         let stop = async {
@@ -212,31 +245,23 @@ pub async fn serve<E: Exports + 'static>(
                     glommio::timer::sleep(ACCEPT_BACKOFF).await;
                     continue;
                 }
-                break Err(ServeError::Accept {
-                    addr: listener.local_addr().ok(),
-                    source: error,
-                });
+                break Err(error);
             }
         };
-        let exports = exports.clone();
-        let shutdown = shutdown.clone();
-        let summary = summary.clone();
+        let connection = serve_one(stream);
         glommio::spawn_local(async move {
-            let result = handle_connection_until(stream, exports, shutdown).await;
-            let mut counts = summary.get();
-            counts.connections += 1;
-            counts.failed += u64::from(result.is_err());
-            summary.set(counts);
+            connection.await;
             drop(slot);
         })
         .detach();
     };
+    drop(listener);
     // Wait for every connection task to give its slot back.
     slots
-        .acquire(MAX_CONNECTIONS)
+        .acquire(max_connections)
         .await
         .expect("connection slots are never closed");
-    result.map(|()| summary.get())
+    result
 }
 
 /// Runs one NBD session (handshake, then transmission) on an accepted socket, on the current

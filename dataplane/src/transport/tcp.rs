@@ -49,7 +49,8 @@ use glommio::sync::Semaphore;
 use super::frame::{self, FIXED_LEN, Frame, FrameError, FrameKind, HEAD_LEN, RejectReason};
 use super::{Handler, Message, NodeId, Transport, TransportError};
 use crate::nbd::Shutdown;
-use crate::nbd::io::{LocalQueue, SharedStream, Signal, is_transient};
+use crate::nbd::accept_connections;
+use crate::nbd::io::{LocalQueue, SharedStream, Signal};
 
 /// How a [`TcpTransport`] and [`serve`] behave.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -679,8 +680,6 @@ impl Transport for TcpTransport {
 
 /// Connections [`serve`] answers at once; further peers wait in the listen backlog.
 pub const MAX_SERVER_CONNECTIONS: u64 = 1024;
-/// Pause after an accept error caused by resource exhaustion.
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
 
 /// What [`serve`] did, returned once it has shut down.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -717,42 +716,12 @@ pub async fn serve<H: Handler + 'static>(
     shutdown: Shutdown,
 ) -> Result<ServeSummary, ServeError> {
     config.check();
-    let slots = Rc::new(Semaphore::new(MAX_SERVER_CONNECTIONS));
     let summary = Rc::new(Cell::new(ServeSummary::default()));
-    let result = loop {
-        let slot = async { Some(slots.acquire_static_permit(1).await) };
-        let stop = async {
-            shutdown.wait().await;
-            None
-        };
-        let Some(slot) = future::or(stop, slot).await else {
-            break Ok(());
-        };
-        let slot = slot.expect("connection slots are never closed");
-        let accept = async { Some(listener.accept().await) };
-        let stop = async {
-            shutdown.wait().await;
-            None
-        };
-        let stream = match future::or(stop, accept).await {
-            None => break Ok(()),
-            Some(Ok(stream)) => stream,
-            Some(Err(error)) => {
-                let error = io::Error::from(error);
-                if is_transient(&error) {
-                    glommio::timer::sleep(ACCEPT_BACKOFF).await;
-                    continue;
-                }
-                break Err(ServeError::Accept {
-                    addr: listener.local_addr().ok(),
-                    source: error,
-                });
-            }
-        };
-        let handler = handler.clone();
-        let shutdown = shutdown.clone();
-        let summary = summary.clone();
-        glommio::spawn_local(async move {
+    let addr = listener.local_addr().ok();
+    let counts = summary.clone();
+    accept_connections(listener, MAX_SERVER_CONNECTIONS, &shutdown, |stream| {
+        let (handler, shutdown, summary) = (handler.clone(), shutdown.clone(), counts.clone());
+        async move {
             let (requests, refused) =
                 serve_connection(stream, node, handler, config, shutdown).await;
             let mut s = summary.get();
@@ -760,16 +729,11 @@ pub async fn serve<H: Handler + 'static>(
             s.requests += requests;
             s.refused += u64::from(refused);
             summary.set(s);
-            drop(slot);
-        })
-        .detach();
-    };
-    drop(listener);
-    slots
-        .acquire(MAX_SERVER_CONNECTIONS)
-        .await
-        .expect("connection slots are never closed");
-    result.map(|()| summary.get())
+        }
+    })
+    .await
+    .map_err(|source| ServeError::Accept { addr, source })?;
+    Ok(summary.get())
 }
 
 /// One incoming connection; returns the requests answered and whether it was refused.

@@ -841,10 +841,10 @@ impl<D: BlockDevice> Oplog<D> {
                 .write_slices_durable(egid, first, &buf)
                 .await
                 .map_err(|source| OplogError::Store { vdisk, source })?;
-            Ok::<_, OplogError>(egid)
+            Ok::<_, OplogError>((egid, first))
         };
-        let egid = match stored.await {
-            Ok(egid) => egid,
+        let (egid, first) = match stored.await {
+            Ok(placed) => placed,
             Err(e) => {
                 self.state.borrow_mut().failed = true;
                 return Err(e);
@@ -852,7 +852,6 @@ impl<D: BlockDevice> Oplog<D> {
         };
         // Kept for `drained` (which frees extent groups); a replica serves no reads, so its
         // blocks are not indexed.
-        let first = self.state.borrow().next_slice - slices;
         self.state.borrow_mut().batches.push_back(BatchInfo {
             seq: h.seq,
             egid,
