@@ -3,6 +3,8 @@
 //! every `SCSI.*` and `iSCSI.*` suite must report zero failures; the tests that only print
 //! `[SKIPPED]` (CUnit counts them as passed) are counted and reported.
 
+mod common;
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -72,7 +74,9 @@ fn libiscsi_conformance_suite_against_a_node() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let port = 23000 + (std::process::id() % 1000) as u16;
+    let [port, nbd_port, grpc_port] = common::free_ports("127.0.0.1", 3)[..] else {
+        unreachable!()
+    };
     let cfg = dir.path().join("node.toml");
     // A small vdisk keeps whole-disk commands (WRITE SAME, UNMAP of everything) quick.
     std::fs::write(
@@ -81,8 +85,7 @@ fn libiscsi_conformance_suite_against_a_node() {
             "nbd_port = {}\ngrpc_port = {}\niscsi_port = {port}\ncores = 2\n\
              [[device]]\npath = \"dev0.img\"\nsize = \"2GiB\"\n\
              [[vdisk]]\nname = \"vd0\"\nsize = \"256MiB\"\n",
-            port + 1000,
-            port + 2000
+            nbd_port, grpc_port
         ),
     )
     .unwrap();

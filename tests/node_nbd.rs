@@ -4,20 +4,30 @@
 //! These tests need Debian's `nbdinfo` (libnbd-bin), `qemu-img` (qemu-utils) and `fio`: with
 //! CI=true a missing tool fails the test; elsewhere the test says SKIPPED loudly.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-static NEXT_PORT: AtomicU16 = AtomicU16::new(0);
+/// The ports of one node: NBD, gRPC and iSCSI, each free and outside the ephemeral range.
+#[derive(Clone, Copy)]
+struct Ports {
+    nbd: u16,
+    grpc: u16,
+    iscsi: u16,
+}
 
-fn port() -> u16 {
-    // Distinct ports per test in this process, away from the default 10809.
-    let base = 20000 + (std::process::id() % 2000) as u16 * 8;
-    base + NEXT_PORT.fetch_add(1, Ordering::SeqCst)
+fn ports() -> Ports {
+    let p = common::free_ports("127.0.0.1", 3);
+    Ports {
+        nbd: p[0],
+        grpc: p[1],
+        iscsi: p[2],
+    }
 }
 
 fn have(tool: &str) -> bool {
@@ -66,23 +76,23 @@ struct Node {
 }
 
 impl Node {
-    fn start(dir: &Path, port: u16) -> Node {
+    fn start(dir: &Path, ports: Ports) -> Node {
         let log = dir.join(format!("node-{}.log", Instant::now().elapsed().as_nanos()));
         let out = std::fs::File::create(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_cairn"))
             .args(["node", "run", "--data-dir"])
             .arg(dir)
-            .args(["--nbd-port", &port.to_string(), "--cores", "2"])
+            .args(["--nbd-port", &ports.nbd.to_string(), "--cores", "2"])
             // Control plane and iSCSI on ports of their own, so tests can run side by side.
-            .args(["--grpc-port", &(port + 20000).to_string()])
-            .args(["--iscsi-port", &(port + 21000).to_string()])
+            .args(["--grpc-port", &ports.grpc.to_string()])
+            .args(["--iscsi-port", &ports.iscsi.to_string()])
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .spawn()
             .expect("start cairn node");
         let node = Node {
             child: KillOnDrop(child),
-            port,
+            port: ports.nbd,
             log,
         };
         node.wait_ready();
@@ -130,7 +140,7 @@ fn nbdinfo_sees_the_embedded_default() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(dir.path(), port());
+    let node = Node::start(dir.path(), ports());
     let out = Command::new("nbdinfo")
         .args(["--json", &node.uri()])
         .output()
@@ -158,7 +168,7 @@ fn nbdinfo_sees_the_embedded_default() {
         "{log}"
     );
     // A second run reopens the same cluster.
-    let node = Node::start(dir.path(), port());
+    let node = Node::start(dir.path(), ports());
     let log = node.stop();
     assert!(!log.contains("created a single-node cluster"), "{log}");
 }
@@ -207,9 +217,9 @@ fn vdisks_created_with_the_cli_are_served_and_survive_kill_9() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let p = port();
-    let grpc = p + 20000;
-    let node = Node::start(dir.path(), p);
+    let ports = ports();
+    let (p, grpc) = (ports.nbd, ports.grpc);
+    let node = Node::start(dir.path(), ports);
     let (ok, text) = cli(
         grpc,
         &[
@@ -262,7 +272,7 @@ fn vdisks_created_with_the_cli_are_served_and_survive_kill_9() {
     assert!(ssd["capacity_bytes"].as_u64().unwrap() > 15 << 30, "{text}");
 
     node.kill9();
-    let node = Node::start(dir.path(), p);
+    let node = Node::start(dir.path(), ports);
     let dst = dir.path().join("back.bin");
     let st = Command::new("nbdcopy")
         .args([&uri, dst.to_str().unwrap()])
@@ -296,7 +306,7 @@ fn qemu_img_round_trips_256_mib() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(dir.path(), port());
+    let node = Node::start(dir.path(), ports());
     let src = dir.path().join("src.img");
     let back = dir.path().join("back.img");
     let mut data = vec![0u8; 256 << 20];
@@ -330,7 +340,7 @@ fn qemu_img_round_trips_256_mib() {
     ]);
     // Restart in between: the data comes back from the oplog and extent store on disk.
     node.stop();
-    let node = Node::start(dir.path(), port());
+    let node = Node::start(dir.path(), ports());
     // Read back exactly the image's size (the raw driver's size option over the NBD export).
     let opts = format!(
         "driver=raw,size={},file.driver=nbd,file.host=127.0.0.1,file.port={},file.export=vd0",
@@ -374,7 +384,7 @@ fn fio_random_write_verify_passes() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let node = Node::start(dir.path(), port());
+    let node = Node::start(dir.path(), ports());
     let out = Command::new("fio")
         .args([
             "--name=verify",
@@ -490,8 +500,9 @@ fn block(tag: u64) -> Vec<u8> {
 #[test]
 fn kill_9_loses_nothing_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
-    let p = port();
-    let node = Node::start(dir.path(), p);
+    let ports = ports();
+    let p = ports.nbd;
+    let node = Node::start(dir.path(), ports);
     const BLOCKS_PER_WRITER: u64 = 4096; // 16 MiB region each
     // Per writer: block -> (acknowledged tag, tag in flight).
     type Record = Vec<(Option<u64>, Option<u64>)>;
@@ -552,7 +563,7 @@ fn kill_9_loses_nothing_acknowledged() {
         acked > 200,
         "only {acked} writes acknowledged before the kill"
     );
-    let node = Node::start(dir.path(), p);
+    let node = Node::start(dir.path(), ports);
     let mut c = Client::connect(p).unwrap();
     let mut checked = 0;
     for (w, rec) in records.iter().enumerate() {
@@ -586,7 +597,8 @@ fn vdisks_on_two_cores_are_served_through_the_mesh() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let p = port();
+    let ports = ports();
+    let p = ports.nbd;
     let cfg = dir.path().join("two.toml");
     std::fs::write(
         &cfg,
@@ -596,8 +608,7 @@ fn vdisks_on_two_cores_are_served_through_the_mesh() {
              [[device]]\npath = \"b.img\"\nsize = \"2GiB\"\n\
              [[vdisk]]\nname = \"vd0\"\nsize = \"1GiB\"\ndevice = 0\n\
              [[vdisk]]\nname = \"vd1\"\nsize = \"1GiB\"\ndevice = 1\n",
-            p + 20000,
-            p + 21000
+            ports.grpc, ports.iscsi
         ),
     )
     .unwrap();

@@ -117,11 +117,34 @@ impl Drop for Node {
     }
 }
 
+/// A port on `ip` that nothing listens on now, for a node that a test starts (and may restart).
 pub fn free_addr(ip: &str) -> SocketAddr {
-    TcpListener::bind(format!("{ip}:0"))
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    let port = free_ports(ip, 1)[0];
+    format!("{ip}:{port}").parse().unwrap()
+}
+
+/// `n` ports on `ip` that nothing is bound to now, chosen below the kernel's ephemeral range
+/// (32768 and up by default). A port from that range (what binding port 0 hands out) can be
+/// taken by any outgoing connection between the test choosing it and the node listening on it,
+/// or while a killed node is down; CI saw exactly that ("Address already in use"). Each call
+/// in a process gets other ports, and processes start at different places.
+pub fn free_ports(ip: &str, n: usize) -> Vec<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 12_000;
+    const HIGH: u32 = 32_000;
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = std::process::id().wrapping_mul(2_654_435_761) % (HIGH - LOW);
+    let mut found = Vec::with_capacity(n);
+    for _ in 0..(HIGH - LOW) {
+        let port = (LOW + (start + NEXT.fetch_add(1, Ordering::SeqCst)) % (HIGH - LOW)) as u16;
+        if TcpListener::bind((ip, port)).is_ok() {
+            found.push(port);
+            if found.len() == n {
+                return found;
+            }
+        }
+    }
+    panic!("no {n} free ports on {ip} in {LOW}..{HIGH}");
 }
 
 /// Runs `cairn <args> --endpoint <endpoint>`.
