@@ -478,13 +478,15 @@ impl ConfigStore {
         .await
     }
 
-    /// Sets a node's failure domain (block, rack); `NotFound` for an unknown node. Returns the
+    /// Sets what a node reports of itself: its failure domain (block, rack) and data-plane
+    /// address; `NotFound` for an unknown node. Returns the
     /// config version written (or the record's version when it already had that domain).
     pub async fn set_node_domain(
         &self,
         node_id: NodeId,
         block: &str,
         rack: &str,
+        data_addr: &str,
     ) -> Result<u64, ConfigError> {
         let name = node_id.to_string();
         self.retrying(RecordKind::Node, &name, || async {
@@ -494,12 +496,16 @@ impl ConfigStore {
                     name: name.clone(),
                 });
             };
-            if found.record.block == block && found.record.rack == rack {
+            if found.record.block == block
+                && found.record.rack == rack
+                && found.record.data_addr == data_addr
+            {
                 return Ok(Attempt::Done(found.version));
             }
             let record = NodeRecord {
                 block: block.to_string(),
                 rack: rack.to_string(),
+                data_addr: data_addr.to_string(),
                 ..found.record
             };
             self.commit(vec![KvOp::Put {

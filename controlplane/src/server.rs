@@ -131,6 +131,9 @@ pub struct ControlPlaneOptions {
     pub block: String,
     /// This node's rack; empty: unknown.
     pub rack: String,
+    /// This node's data-plane replication address (host:port), reported to the cluster;
+    /// empty: none.
+    pub data_addr: String,
     /// Raft timing of every group (production constants of [`crate::group`] by default).
     pub group_options: fn(NodeId, GroupId) -> GroupOptions,
 }
@@ -153,6 +156,7 @@ impl ControlPlaneOptions {
             devices: Vec::new(),
             block: String::new(),
             rack: String::new(),
+            data_addr: String::new(),
             group_options: GroupOptions::new,
         }
     }
@@ -436,6 +440,7 @@ struct Node {
     config_tx: watch::Sender<Arc<ConfigView>>,
     block: String,
     rack: String,
+    data_addr: String,
     /// When each other node last answered a probe.
     last_seen: Mutex<HashMap<NodeId, std::time::Instant>>,
     started: std::time::Instant,
@@ -514,6 +519,7 @@ impl Node {
             config_tx,
             block: o.block,
             rack: o.rack,
+            data_addr: o.data_addr,
             last_seen: Mutex::new(HashMap::new()),
             started: std::time::Instant::now(),
         });
@@ -701,15 +707,28 @@ impl Node {
             for s in &nodes {
                 let r = &s.record;
                 let reported = if r.node_id == self.node_id {
-                    Some((self.block.clone(), self.rack.clone()))
+                    Some((
+                        self.block.clone(),
+                        self.rack.clone(),
+                        self.data_addr.clone(),
+                    ))
                 } else {
                     infos
                         .get(&r.node_id)
-                        .map(|i| (i.block.clone(), i.rack.clone()))
+                        .map(|i| (i.block.clone(), i.rack.clone(), i.data_addr.clone()))
                 };
-                if let Some((block, rack)) = reported
-                    && (block != r.block || rack != r.rack)
-                    && let Err(e) = self.config.set_node_domain(r.node_id, &block, &rack).await
+                // A node that reports no data address keeps the one `node add` gave it.
+                if let Some((block, rack, data)) = reported
+                    && let data = if data.is_empty() {
+                        r.data_addr.clone()
+                    } else {
+                        data
+                    }
+                    && (block != r.block || rack != r.rack || data != r.data_addr)
+                    && let Err(e) = self
+                        .config
+                        .set_node_domain(r.node_id, &block, &rack, &data)
+                        .await
                 {
                     eprintln!(
                         "cairn control plane: node {}: recording the domain of node {}: {e}",
@@ -1315,6 +1334,7 @@ impl Service {
             devices: self.0.devices.lock().map(|d| d.clone()).unwrap_or_default(),
             block: self.0.block.clone(),
             rack: self.0.rack.clone(),
+            data_addr: self.0.data_addr.clone(),
         }
     }
 

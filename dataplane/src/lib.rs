@@ -16,6 +16,7 @@ pub mod mesh;
 pub mod metadata;
 pub mod metadata_redb;
 pub mod nbd;
+pub mod replication;
 pub mod target;
 pub mod transport;
 pub mod vdisk;

@@ -19,6 +19,7 @@ use blockstore::{BlockDevice, BlockStore, DmaBuf, ExtentGroupId, StoreError};
 
 use super::oplog::{BLOCK_BYTES, OPLOG_EGID_BIT};
 use crate::metadata::{Expect, MetaError, MetaOp, MetadataStore};
+use crate::replication::{Mirror, ReplicaOp};
 
 /// Blocks (4 KiB) per extent: extents are 1 MiB (seed: "1 MiB extents").
 pub const EXTENT_BLOCKS: u64 = 256;
@@ -67,6 +68,14 @@ pub enum ExtentError {
     NoSpace {
         /// Vdisk id.
         vdisk: u64,
+    },
+    /// A replica did not take the change.
+    #[error("extent store of vdisk {vdisk}: replication: {reason}")]
+    Replication {
+        /// Vdisk id.
+        vdisk: u64,
+        /// What went wrong.
+        reason: String,
     },
 }
 
@@ -126,6 +135,8 @@ pub struct ExtentStore<D: BlockDevice, M: MetadataStore> {
     next_n: Cell<u32>,
     /// Serializes new mappings (rare: once per 1 MiB extent).
     map_lock: async_lock::Mutex<()>,
+    /// Where every change of the vdisk's extent groups is copied (its replicas), if anywhere.
+    mirror: RefCell<Option<Mirror>>,
 }
 
 impl<D: BlockDevice, M: MetadataStore> ExtentStore<D, M> {
@@ -206,7 +217,72 @@ impl<D: BlockDevice, M: MetadataStore> ExtentStore<D, M> {
             open: Cell::new(open),
             next_n: Cell::new(next_n),
             map_lock: async_lock::Mutex::new(()),
+            mirror: RefCell::new(None),
         })
+    }
+
+    /// Copies every later change of this extent store to `mirror` too; a change succeeds only
+    /// when both the local device and the mirror have it.
+    pub fn set_mirror(&self, mirror: Mirror) {
+        *self.mirror.borrow_mut() = Some(mirror);
+    }
+
+    /// Runs `local` and, with a mirror, sends `change` to it at the same time.
+    async fn mirrored(
+        &self,
+        local: impl std::future::Future<Output = Result<(), StoreError>>,
+        change: impl FnOnce() -> ReplicaOp,
+    ) -> Result<(), ExtentError> {
+        let vdisk = self.vdisk;
+        let mirror = self.mirror.borrow().clone();
+        let (local, remote) = match mirror {
+            None => (local.await, Ok(())),
+            Some(m) => futures_lite::future::zip(local, m(change())).await,
+        };
+        local.map_err(|source| ExtentError::Store { vdisk, source })?;
+        remote.map_err(|reason| ExtentError::Replication { vdisk, reason })
+    }
+
+    /// Sends the whole extent store to `mirror` (a new or re-joining replica, after its RESET):
+    /// every extent group, allocated, and its non-zero 1 MiB runs of slices. Nothing may change
+    /// the store meanwhile. Returns the bytes sent.
+    pub async fn copy_to(&self, mirror: &Mirror) -> Result<u64, ExtentError> {
+        let vdisk = self.vdisk;
+        let layout = *self.store.layout();
+        let slices = layout.egroup_bytes / layout.slice_bytes;
+        let chunk = EXTENT_BLOCKS as u32;
+        let mut sent = 0u64;
+        let mut buf = DmaBuf::new(chunk as usize * BLOCK_BYTES);
+        let remote = |reason| ExtentError::Replication { vdisk, reason };
+        for e in self.store.egroups() {
+            if !is_mine(vdisk, e.egid) {
+                continue;
+            }
+            mirror(ReplicaOp::Allocate { egid: e.egid })
+                .await
+                .map_err(remote)?;
+            let mut first = 0;
+            while first < slices {
+                let n = chunk.min(slices - first);
+                buf.set_len(n as usize * BLOCK_BYTES);
+                self.store
+                    .read_slices(e.egid, first, &mut buf)
+                    .await
+                    .map_err(|source| ExtentError::Store { vdisk, source })?;
+                if buf.iter().any(|&b| b != 0) {
+                    mirror(ReplicaOp::Write {
+                        egid: e.egid,
+                        first,
+                        data: Rc::from(&buf[..]),
+                    })
+                    .await
+                    .map_err(remote)?;
+                    sent += buf.len() as u64;
+                }
+                first += n;
+            }
+        }
+        Ok(sent)
     }
 
     /// Where extent `extent` is, if mapped.
@@ -258,10 +334,15 @@ impl<D: BlockDevice, M: MetadataStore> ExtentStore<D, M> {
                     // The slot may hold slices of a mapping that was never committed: clear
                     // them so unwritten blocks of the new extent read as zeros.
                     let first = u32::from(slot) * EXTENT_BLOCKS as u32;
-                    self.store
-                        .trim_slices(egid, first, EXTENT_BLOCKS as u32)
-                        .await
-                        .map_err(err)?;
+                    let blocks = EXTENT_BLOCKS as u32;
+                    self.mirrored(self.store.trim_slices(egid, first, blocks), || {
+                        ReplicaOp::Trim {
+                            egid,
+                            first,
+                            blocks,
+                        }
+                    })
+                    .await?;
                     ExtentLoc { egid, slot }
                 }
                 None => loop {
@@ -269,7 +350,11 @@ impl<D: BlockDevice, M: MetadataStore> ExtentStore<D, M> {
                     self.next_n.set((n + 1) & 0x00FF_FFFF);
                     let egid = extent_egid(vdisk, n);
                     match self.store.allocate(egid) {
-                        Ok(()) => break ExtentLoc { egid, slot: 0 },
+                        Ok(()) => {
+                            self.mirrored(async { Ok(()) }, || ReplicaOp::Allocate { egid })
+                                .await?;
+                            break ExtentLoc { egid, slot: 0 };
+                        }
                         Err(StoreError::EgroupExists { .. }) => continue,
                         Err(StoreError::NoSpace { .. }) => {
                             return Err(ExtentError::NoSpace { vdisk });
@@ -283,7 +368,8 @@ impl<D: BlockDevice, M: MetadataStore> ExtentStore<D, M> {
                 .set((next < self.extents_per_egroup).then_some((loc.egid, next)));
             placed.push((extent, loc));
         }
-        self.store.flush().await.map_err(err)?;
+        self.mirrored(self.store.flush(), || ReplicaOp::Flush)
+            .await?;
         for chunk in placed.chunks(MAP_BATCH_KEYS) {
             let ops = chunk
                 .iter()
@@ -337,13 +423,15 @@ impl<D: BlockDevice, M: MetadataStore> ExtentStore<D, M> {
         vblock: u64,
         buf: &DmaBuf,
     ) -> Result<(), ExtentError> {
-        self.store
-            .write_slices(loc.egid, Self::first_slice(loc, vblock), buf)
-            .await
-            .map_err(|source| ExtentError::Store {
-                vdisk: self.vdisk,
-                source,
-            })
+        let first = Self::first_slice(loc, vblock);
+        self.mirrored(self.store.write_slices(loc.egid, first, buf), || {
+            ReplicaOp::Write {
+                egid: loc.egid,
+                first,
+                data: Rc::from(&buf[..]),
+            }
+        })
+        .await
     }
 
     /// Releases blocks `vblock..vblock + blocks` (within one extent): they read as zeros.
@@ -351,24 +439,20 @@ impl<D: BlockDevice, M: MetadataStore> ExtentStore<D, M> {
         let Some(loc) = self.lookup(vblock / EXTENT_BLOCKS) else {
             return Ok(());
         };
-        self.store
-            .trim_slices(loc.egid, Self::first_slice(loc, vblock), blocks)
-            .await
-            .map_err(|source| ExtentError::Store {
-                vdisk: self.vdisk,
-                source,
-            })
+        let first = Self::first_slice(loc, vblock);
+        self.mirrored(self.store.trim_slices(loc.egid, first, blocks), || {
+            ReplicaOp::Trim {
+                egid: loc.egid,
+                first,
+                blocks,
+            }
+        })
+        .await
     }
 
     /// Makes written data durable (block store flush).
     pub async fn flush(&self) -> Result<(), ExtentError> {
-        self.store
-            .flush()
-            .await
-            .map_err(|source| ExtentError::Store {
-                vdisk: self.vdisk,
-                source,
-            })
+        self.mirrored(self.store.flush(), || ReplicaOp::Flush).await
     }
 
     /// Commits metadata operations (new mappings, the drained watermark).

@@ -32,6 +32,8 @@ use crate::cache::ReadCache;
 use crate::metadata::{Expect, MetaError, MetaOp, MetadataStore};
 use crate::target::{BlockTarget, TargetError};
 use extents::{EXTENT_BLOCKS, ExtentError, ExtentStore};
+
+use crate::replication::{Mirror, ReplicaOp};
 use oplog::{BLOCK_BYTES, Oplog, OplogError};
 
 /// A vdisk with more than this many bytes of writes outstanding is sequential (seed: "more
@@ -204,6 +206,8 @@ pub struct Vdisk<D: BlockDevice, M: MetadataStore> {
     stopping: Cell<bool>,
     /// Wakes an idle drain loop when the vdisk stops.
     stopped: event_listener::Event,
+    /// The replicas, once [`Vdisk::set_mirror`] made them copies.
+    mirror: RefCell<Option<Mirror>>,
     /// Reusable 1 MiB bounce buffers (one per concurrent run; runs never cross an extent or a
     /// batch, both at most 1 MiB), so the I/O path does not allocate once warm.
     pool: RefCell<Vec<DmaBuf>>,
@@ -305,6 +309,7 @@ impl<D: BlockDevice, M: MetadataStore> Vdisk<D, M> {
             stopping: Cell::new(false),
             stopped: event_listener::Event::new(),
             pool: RefCell::new(Vec::new()),
+            mirror: RefCell::new(None),
         }))
     }
 
@@ -321,6 +326,30 @@ impl<D: BlockDevice, M: MetadataStore> Vdisk<D, M> {
     /// The oplog (for tests and status).
     pub fn oplog(&self) -> &Oplog<D> {
         &self.oplog
+    }
+
+    /// Makes `mirror` (the vdisk's replicas) a full copy of this vdisk — RESET, every extent
+    /// group, a flush, then the undrained oplog batches — and sends it every later change: a
+    /// write is acknowledged only when the local device and the mirror both have it. Call it
+    /// before the vdisk serves or drains (nothing may change it during the copy). Returns the
+    /// extent bytes and oplog batches copied.
+    pub async fn set_mirror(&self, mirror: Mirror) -> Result<(u64, usize), TargetError> {
+        let failed = |e: &dyn std::fmt::Display| target_err(0, format!("copying to replicas: {e}"));
+        mirror(ReplicaOp::Reset).await.map_err(|e| failed(&e))?;
+        let bytes = self
+            .extents
+            .copy_to(&mirror)
+            .await
+            .map_err(|e| failed(&e))?;
+        mirror(ReplicaOp::Flush).await.map_err(|e| failed(&e))?;
+        let batches = self.oplog.copy_to(&mirror).await.map_err(|e| failed(&e))?;
+        self.extents.set_mirror(mirror.clone());
+        let m = mirror.clone();
+        self.oplog.set_replicator(Box::new(move |seq, bytes| {
+            m(ReplicaOp::OplogBatch { seq, bytes })
+        }));
+        *self.mirror.borrow_mut() = Some(mirror);
+        Ok((bytes, batches))
     }
 
     fn bump(&self, f: impl FnOnce(&mut VdiskStats)) {
@@ -605,6 +634,13 @@ impl<D: BlockDevice, M: MetadataStore> Vdisk<D, M> {
             .await
             .map_err(|e| target_err(0, e))?;
         self.oplog.drained(cutoff).map_err(|e| target_err(0, e))?;
+        // The replicas may free those batches too. Best effort: a replica that misses it frees
+        // them at the next watermark, or replays them harmlessly after a takeover (they are
+        // below the drained watermark in the metadata store).
+        let mirror = self.mirror.borrow().clone();
+        if let Some(m) = mirror {
+            let _ = m(ReplicaOp::OplogDrained { seq: cutoff }).await;
+        }
         self.bump(|s| s.drained_blocks += drained);
         Ok(drained)
     }

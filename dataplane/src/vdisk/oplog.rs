@@ -968,6 +968,32 @@ impl<D: BlockDevice> Oplog<D> {
         Ok(())
     }
 
+    /// Sends every undrained batch, oldest first, to `mirror` (a new or re-joining replica,
+    /// after its RESET and the extent store's copy). Nothing may commit meanwhile. Returns the
+    /// number of batches sent.
+    pub async fn copy_to(&self, mirror: &crate::replication::Mirror) -> Result<usize, OplogError> {
+        let vdisk = self.vdisk;
+        let batches: Vec<BatchInfo> = self.state.borrow().batches.iter().cloned().collect();
+        for b in &batches {
+            let mut buf = DmaBuf::new((1 + b.data_blocks as usize) * BLOCK_BYTES);
+            self.store
+                .read_slices(b.egid, b.data_slice - 1, &mut buf)
+                .await
+                .map_err(|source| OplogError::Store { vdisk, source })?;
+            mirror(crate::replication::ReplicaOp::OplogBatch {
+                seq: b.seq,
+                bytes: Rc::from(&buf[..]),
+            })
+            .await
+            .map_err(|reason| OplogError::Replication {
+                vdisk,
+                seq: b.seq,
+                reason,
+            })?;
+        }
+        Ok(batches.len())
+    }
+
     /// Whether the oplog has failed.
     pub fn is_failed(&self) -> bool {
         self.state.borrow().failed

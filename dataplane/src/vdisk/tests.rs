@@ -479,3 +479,121 @@ fn a_replica_oplog_replays_on_its_own_device_after_failover() {
         assert!(one == data);
     });
 }
+
+/// The whole replication path without a network: the owner's vdisk copies its state (a full
+/// copy of data written before the replica existed, then every change) to a `ReplicaHost` on
+/// another device; the owner is lost; the replica's node takes the vdisk over at a higher epoch
+/// and every acknowledged write reads back. The old owner is fenced: the replica refuses it.
+#[test]
+fn a_replica_host_holds_everything_acknowledged_and_fences_the_old_owner() {
+    use crate::replication::{Mirror, Ownership, ReplicaHost, ReplicaOp, reply};
+    use crate::transport::Handler;
+    block_on(async {
+        let mut rng = ChaCha8Rng::seed_from_u64(77);
+        let dev_a = formatted_mem_device().await;
+        let dev_b = Rc::new(MemDevice::new("replica", 64 << 20, 4096));
+        BlockStore::format(
+            dev_b.clone(),
+            &FormatOptions {
+                uuid: Some(43),
+                ..format_opts()
+            },
+        )
+        .await
+        .unwrap()
+        .close()
+        .await
+        .unwrap();
+        let meta = Rc::new(MemMetadataStore::new());
+        let record = |node: u64, uuid: u128, epoch: u64, replicas: Vec<u64>| {
+            Ownership {
+                node_id: node,
+                device_uuid: uuid,
+                epoch,
+                replicas,
+            }
+            .encode()
+        };
+        meta.apply(vec![MetaOp::Put {
+            key: Ownership::key(1),
+            value: record(1, 42, 1, vec![2]),
+            expect: Expect::Absent,
+        }])
+        .await
+        .unwrap();
+        let store_b = Rc::new(BlockStore::open(dev_b.clone()).await.unwrap());
+        let host = Rc::new(ReplicaHost::new(2, store_b.clone(), meta.clone(), 16 << 20));
+        let primary = open(dev_a.clone(), meta.clone()).await;
+        let mut model = vec![0u8; DISK as usize];
+        let mut step = async |primary: &Rc<Vdisk<_, _>>, model: &mut Vec<u8>, n: usize| {
+            for i in 0..n {
+                let blocks = rng.random_range(1..=16u64);
+                let off = rng.random_range(0..DISK / 4096 - blocks) * 4096;
+                if rng.random_range(0..10) == 0 {
+                    primary.trim(off, blocks * 4096).await.unwrap();
+                    model[off as usize..(off + blocks * 4096) as usize].fill(0);
+                } else {
+                    let data = fill(&mut rng, (blocks * 4096) as usize);
+                    primary.write(off, &data, false).await.unwrap();
+                    model[off as usize..off as usize + data.len()].copy_from_slice(&data);
+                }
+                if i % 25 == 24 {
+                    primary.drain_once().await.unwrap();
+                }
+            }
+        };
+        // Data from before the replica existed: drained and undrained.
+        step(&primary, &mut model, 120).await;
+        assert!(primary.oplog().undrained_batches() > 0);
+        let mirror: Mirror = {
+            let host = host.clone();
+            Rc::new(move |change: ReplicaOp| {
+                let host = host.clone();
+                Box::pin(async move {
+                    let r = host.handle(1, change.to_message(1, 1)).await;
+                    if r.op == reply::OK {
+                        Ok(())
+                    } else {
+                        Err(String::from_utf8_lossy(&r.payload).into_owned())
+                    }
+                })
+            })
+        };
+        let (bytes, batches) = primary.set_mirror(mirror).await.unwrap();
+        assert!(
+            bytes > 0 && batches > 0,
+            "copied {bytes} bytes, {batches} batches"
+        );
+        step(&primary, &mut model, 140).await;
+        assert!(primary.oplog().undrained_batches() > 0);
+
+        // The owner is lost; node 2 takes over at epoch 2 and opens the vdisk on its replica.
+        drop(primary);
+        meta.apply(vec![MetaOp::Put {
+            key: Ownership::key(1),
+            value: record(2, 43, 2, vec![]),
+            expect: Expect::Any,
+        }])
+        .await
+        .unwrap();
+        host.take_over(1, 2);
+        let stale = host.handle(1, ReplicaOp::Flush.to_message(1, 1)).await;
+        assert_eq!(stale.op, reply::STALE, "the old owner is fenced");
+        let failed_over = Vdisk::open(store_b.clone(), meta.clone(), cache(), cfg())
+            .await
+            .unwrap();
+        let mut back = vec![0u8; DISK as usize];
+        failed_over.read(0, &mut back).await.unwrap();
+        assert!(back == model, "the replica lost acknowledged writes");
+
+        // A host that never saw the vdisk checks the record: node 1 at epoch 1 is refused.
+        let dev_c = formatted_mem_device().await;
+        let store_c = Rc::new(BlockStore::open(dev_c).await.unwrap());
+        let other = ReplicaHost::new(3, store_c, meta.clone(), 16 << 20);
+        let r = other.handle(1, ReplicaOp::Flush.to_message(1, 1)).await;
+        assert_eq!(r.op, reply::STALE);
+        assert!(String::from_utf8_lossy(&r.payload).contains("owned by node 2 at epoch 2"));
+        let r = other.handle(2, ReplicaOp::Flush.to_message(1, 2)).await;
+        assert_eq!(r.op, reply::OK, "{}", String::from_utf8_lossy(&r.payload));
+    });
+}

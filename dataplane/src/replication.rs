@@ -1,0 +1,832 @@
+//! Keeping a vdisk's data on its replica nodes: the owner copies every change of the vdisk's
+//! device state (oplog batches, extent-group allocations, slice writes and trims, flushes) to
+//! RF-1 peers over a [`Transport`], and a write is acknowledged only when every copy has it.
+//!
+//! A replica keeps the copy in the same shape as the owner: the same extent-group ids and
+//! slices, and an oplog of the same batches ([`Oplog::append_replica`]). The block map in the
+//! metadata store is therefore valid on every replica's device, and a replica that takes the
+//! vdisk over after its owner died opens it like its own: [`crate::vdisk::Vdisk::open`]
+//! replays the undrained batches and loads the extent store.
+//!
+//! Who owns a vdisk, with which epoch, and where its replicas are is one record in the metadata
+//! store ([`Ownership`], changed only by compare-and-swap). A replica checks every request
+//! against it: a request from a node that is not the recorded owner, or with an older epoch, is
+//! refused ([`reply::STALE`]), so an owner that lost the vdisk can never again get a write
+//! acknowledged by a replica.
+//!
+//! ```text
+//! request (Message.op)   payload (little-endian)              Message.sequence
+//!   PING                 -                                    -
+//!   RESET                -                                    -
+//!   OPLOG_BATCH          the batch: header slice, data slices batch sequence
+//!   OPLOG_DRAINED        -                                    drained up to
+//!   ALLOCATE             egid u64                             -
+//!   TRIM                 egid u64, first u32, blocks u32      -
+//!   WRITE                egid u64, first u32, data            -
+//!   FLUSH                -                                    -
+//!   FREE                 egid u64                             -
+//! reply: OK, STALE (payload: why), FAILED (payload: why), BAD_REQUEST (payload: why)
+//! ```
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::time::Duration;
+
+use blockstore::{BlockDevice, BlockStore, DmaBuf, ExtentGroupId, StoreError};
+
+use crate::metadata::MetadataStore;
+use crate::transport::{Handler, Message, NodeId, Transport, TransportError};
+use crate::vdisk::extents::vdisk_prefix;
+use crate::vdisk::oplog::{BLOCK_BYTES, OPLOG_EGID_BIT, Oplog};
+
+/// Request codes.
+pub mod op {
+    /// Is the node up (answers OK without looking at the vdisk).
+    pub const PING: u16 = 0x0100;
+    /// Drop this replica's copy of the vdisk (a full copy follows).
+    pub const RESET: u16 = 0x0101;
+    /// Store an oplog batch.
+    pub const OPLOG_BATCH: u16 = 0x0102;
+    /// Oplog batches up to `sequence` are drained: free them.
+    pub const OPLOG_DRAINED: u16 = 0x0103;
+    /// Allocate an extent group.
+    pub const ALLOCATE: u16 = 0x0104;
+    /// Clear slices of an extent group.
+    pub const TRIM: u16 = 0x0105;
+    /// Write slices of an extent group.
+    pub const WRITE: u16 = 0x0106;
+    /// Make everything written durable.
+    pub const FLUSH: u16 = 0x0107;
+    /// Free an extent group.
+    pub const FREE: u16 = 0x0108;
+}
+
+/// Reply codes.
+pub mod reply {
+    /// Done (durable if the request was a batch or a flush).
+    pub const OK: u16 = 0x8000;
+    /// The sender is not the vdisk's owner at that epoch (fenced).
+    pub const STALE: u16 = 0x8001;
+    /// The replica could not do it (device error, no space).
+    pub const FAILED: u16 = 0x8002;
+    /// The request does not decode.
+    pub const BAD_REQUEST: u16 = 0x8003;
+}
+
+/// One change of a vdisk's device state, as it goes to the replicas.
+#[derive(Debug, Clone)]
+pub enum ReplicaOp {
+    /// Drop the replica's copy.
+    Reset,
+    /// An oplog batch (header and data slices).
+    OplogBatch {
+        /// Its sequence number.
+        seq: u64,
+        /// Its bytes.
+        bytes: Rc<[u8]>,
+    },
+    /// Batches up to `seq` drained.
+    OplogDrained {
+        /// Drained watermark.
+        seq: u64,
+    },
+    /// An extent group allocated.
+    Allocate {
+        /// It.
+        egid: ExtentGroupId,
+    },
+    /// Slices cleared.
+    Trim {
+        /// Extent group.
+        egid: ExtentGroupId,
+        /// First slice.
+        first: u32,
+        /// Slices.
+        blocks: u32,
+    },
+    /// Slices written.
+    Write {
+        /// Extent group.
+        egid: ExtentGroupId,
+        /// First slice.
+        first: u32,
+        /// Whole slices.
+        data: Rc<[u8]>,
+    },
+    /// Everything before it made durable.
+    Flush,
+    /// An extent group freed.
+    Free {
+        /// It.
+        egid: ExtentGroupId,
+    },
+}
+
+impl ReplicaOp {
+    /// The request for `vdisk` at `epoch`.
+    pub fn to_message(&self, vdisk: u64, epoch: u64) -> Message {
+        let mut m = Message {
+            vdisk,
+            epoch,
+            ..Message::default()
+        };
+        let egid_first = |egid: u64, first: u32| {
+            let mut p = egid.to_le_bytes().to_vec();
+            p.extend_from_slice(&first.to_le_bytes());
+            p
+        };
+        match self {
+            Self::Reset => m.op = op::RESET,
+            Self::OplogBatch { seq, bytes } => {
+                m.op = op::OPLOG_BATCH;
+                m.sequence = *seq;
+                m.payload = bytes.to_vec();
+            }
+            Self::OplogDrained { seq } => {
+                m.op = op::OPLOG_DRAINED;
+                m.sequence = *seq;
+            }
+            Self::Allocate { egid } => {
+                m.op = op::ALLOCATE;
+                m.payload = egid.to_le_bytes().to_vec();
+            }
+            Self::Trim {
+                egid,
+                first,
+                blocks,
+            } => {
+                m.op = op::TRIM;
+                m.payload = egid_first(*egid, *first);
+                m.payload.extend_from_slice(&blocks.to_le_bytes());
+            }
+            Self::Write { egid, first, data } => {
+                m.op = op::WRITE;
+                m.payload = egid_first(*egid, *first);
+                m.payload.extend_from_slice(data);
+            }
+            Self::Flush => m.op = op::FLUSH,
+            Self::Free { egid } => {
+                m.op = op::FREE;
+                m.payload = egid.to_le_bytes().to_vec();
+            }
+        }
+        m
+    }
+
+    /// Decodes a request (not PING); `Err` says what is wrong with it.
+    pub fn from_message(m: &Message) -> Result<Self, &'static str> {
+        let p = &m.payload;
+        let u64_at = |o: usize| -> Result<u64, &'static str> {
+            p.get(o..o + 8)
+                .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()))
+                .ok_or("payload too short")
+        };
+        let u32_at = |o: usize| -> Result<u32, &'static str> {
+            p.get(o..o + 4)
+                .map(|b| u32::from_le_bytes(b.try_into().unwrap_or_default()))
+                .ok_or("payload too short")
+        };
+        let exact = |len: usize| {
+            if p.len() == len {
+                Ok(())
+            } else {
+                Err("payload length is wrong for the request")
+            }
+        };
+        let egid = |e: u64| {
+            if (e & !OPLOG_EGID_BIT) >> 24 == m.vdisk && e & OPLOG_EGID_BIT == 0 {
+                Ok(e)
+            } else {
+                Err("extent group is not one of the vdisk's")
+            }
+        };
+        Ok(match m.op {
+            op::RESET => {
+                exact(0)?;
+                Self::Reset
+            }
+            op::OPLOG_BATCH => Self::OplogBatch {
+                seq: m.sequence,
+                bytes: Rc::from(&p[..]),
+            },
+            op::OPLOG_DRAINED => {
+                exact(0)?;
+                Self::OplogDrained { seq: m.sequence }
+            }
+            op::ALLOCATE => {
+                exact(8)?;
+                Self::Allocate {
+                    egid: egid(u64_at(0)?)?,
+                }
+            }
+            op::TRIM => {
+                exact(16)?;
+                Self::Trim {
+                    egid: egid(u64_at(0)?)?,
+                    first: u32_at(8)?,
+                    blocks: u32_at(12)?,
+                }
+            }
+            op::WRITE => {
+                let data = p.get(12..).ok_or("payload too short")?;
+                if data.is_empty() || !data.len().is_multiple_of(BLOCK_BYTES) {
+                    return Err("write data is not whole 4 KiB slices");
+                }
+                Self::Write {
+                    egid: egid(u64_at(0)?)?,
+                    first: u32_at(8)?,
+                    data: Rc::from(data),
+                }
+            }
+            op::FLUSH => {
+                exact(0)?;
+                Self::Flush
+            }
+            op::FREE => {
+                exact(8)?;
+                Self::Free {
+                    egid: egid(u64_at(0)?)?,
+                }
+            }
+            _ => return Err("unknown request code"),
+        })
+    }
+}
+
+const OWNERSHIP_V1: u8 = 1;
+const OWNERSHIP_V2: u8 = 2;
+/// Most replicas an ownership record names (RF 3 has two besides the owner; room to spare).
+pub const MAX_REPLICAS: usize = 4;
+
+/// Which node and device serve a vdisk, at which epoch, and which nodes hold its replicas: key
+/// `v/<id>/owner` in the vdisk's metadata shard, changed only by compare-and-swap, so two
+/// nodes never both serve it and a takeover (a higher epoch) fences the previous owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ownership {
+    /// The owner node.
+    pub node_id: u64,
+    /// Format uuid of the owner's device holding the vdisk's oplog and extents.
+    pub device_uuid: u128,
+    /// Ownership epoch (1 at the first claim; every change of owner or replicas raises it).
+    pub epoch: u64,
+    /// The replica nodes, each holding a full copy (empty at RF 1).
+    pub replicas: Vec<u64>,
+}
+
+impl Ownership {
+    /// The key of vdisk `vdisk`'s ownership record.
+    pub fn key(vdisk: u64) -> Vec<u8> {
+        let mut k = vdisk_prefix(vdisk);
+        k.extend_from_slice(b"owner");
+        k
+    }
+
+    /// Encodes the record: version 2, little-endian fields, crc32c over the rest.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(42 + 8 * self.replicas.len() + 4);
+        v.push(OWNERSHIP_V2);
+        v.extend_from_slice(&self.node_id.to_le_bytes());
+        v.extend_from_slice(&self.device_uuid.to_le_bytes());
+        v.extend_from_slice(&self.epoch.to_le_bytes());
+        v.push(self.replicas.len() as u8);
+        for r in &self.replicas {
+            v.extend_from_slice(&r.to_le_bytes());
+        }
+        let crc = crc32c::crc32c(&v);
+        v.extend_from_slice(&crc.to_le_bytes());
+        v
+    }
+
+    /// Decodes a record (version 1, without replicas, or 2), refusing an unknown version, a
+    /// wrong length or a bad checksum.
+    pub fn decode(b: &[u8]) -> Result<Self, String> {
+        let Some(&version) = b.first() else {
+            return Err("empty ownership record".into());
+        };
+        let count = match version {
+            OWNERSHIP_V1 => 0,
+            OWNERSHIP_V2 => usize::from(*b.get(33).ok_or("short ownership record")?),
+            v => return Err(format!("ownership record version {v} is unknown")),
+        };
+        if count > MAX_REPLICAS {
+            return Err(format!("ownership record names {count} replicas"));
+        }
+        let body = if version == OWNERSHIP_V1 {
+            33
+        } else {
+            34 + 8 * count
+        };
+        if b.len() != body + 4 {
+            return Err(format!(
+                "ownership record of {} bytes, expected {}",
+                b.len(),
+                body + 4
+            ));
+        }
+        let stored = u32::from_le_bytes(b[body..].try_into().map_err(|_| "short crc")?);
+        if crc32c::crc32c(&b[..body]) != stored {
+            return Err("ownership record fails its checksum".into());
+        }
+        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or_default());
+        Ok(Self {
+            node_id: u64_at(1),
+            device_uuid: u128::from_le_bytes(b[9..25].try_into().unwrap_or_default()),
+            epoch: u64_at(25),
+            replicas: (0..count).map(|i| u64_at(34 + 8 * i)).collect(),
+        })
+    }
+}
+
+/// How the owner sends a change to its replicas (the replication layer; see [`ReplicaSet`]).
+pub type Mirror = Rc<dyn Fn(ReplicaOp) -> Pin<Box<dyn Future<Output = Result<(), String>>>>>;
+
+/// How long a replica that cannot be reached is retried before the change fails (a restart of
+/// the replica's process fits in it).
+pub const PEER_RETRY_FOR: Duration = Duration::from_secs(10);
+/// Pause between retries to an unreachable replica.
+const PEER_RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+/// The owner's side: sends each change to every replica of the vdisk and succeeds when all of
+/// them have it.
+pub struct ReplicaSet<T: Transport> {
+    transport: Rc<T>,
+    vdisk: u64,
+    epoch: u64,
+    peers: Vec<NodeId>,
+    /// Set when a replica refused the epoch: this node no longer owns the vdisk.
+    fenced: std::cell::Cell<bool>,
+}
+
+/// Why a change could not reach every replica.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    /// A replica says this node no longer owns the vdisk at this epoch.
+    #[error("vdisk {vdisk}: node {peer} refused epoch {epoch}: {why}")]
+    Fenced {
+        /// Vdisk.
+        vdisk: u64,
+        /// The replica.
+        peer: NodeId,
+        /// Our epoch.
+        epoch: u64,
+        /// What it said.
+        why: String,
+    },
+    /// A replica failed the change, or stayed unreachable.
+    #[error("vdisk {vdisk}: replica on node {peer}: {why}")]
+    Peer {
+        /// Vdisk.
+        vdisk: u64,
+        /// The replica.
+        peer: NodeId,
+        /// What went wrong.
+        why: String,
+    },
+}
+
+impl<T: Transport + 'static> ReplicaSet<T> {
+    /// The replicas `peers` of `vdisk`, owned by this node at `epoch`.
+    pub fn new(transport: Rc<T>, vdisk: u64, epoch: u64, peers: Vec<NodeId>) -> Rc<Self> {
+        Rc::new(Self {
+            transport,
+            vdisk,
+            epoch,
+            peers,
+            fenced: std::cell::Cell::new(false),
+        })
+    }
+
+    /// The replicas.
+    pub fn peers(&self) -> &[NodeId] {
+        &self.peers
+    }
+
+    /// Whether a replica refused this owner's epoch (it must stop serving the vdisk).
+    pub fn is_fenced(&self) -> bool {
+        self.fenced.get()
+    }
+
+    /// Sends `change` to one replica, retrying while it is unreachable (up to
+    /// [`PEER_RETRY_FOR`]).
+    pub async fn send_to(&self, peer: NodeId, change: &ReplicaOp) -> Result<(), ReplicaError> {
+        let request = change.to_message(self.vdisk, self.epoch);
+        let deadline = std::time::Instant::now() + PEER_RETRY_FOR;
+        let fail = |why: String| ReplicaError::Peer {
+            vdisk: self.vdisk,
+            peer,
+            why,
+        };
+        loop {
+            match self.transport.call(peer, request.clone()).await {
+                Ok(r) if r.op == reply::OK => return Ok(()),
+                Ok(r) if r.op == reply::STALE => {
+                    self.fenced.set(true);
+                    return Err(ReplicaError::Fenced {
+                        vdisk: self.vdisk,
+                        peer,
+                        epoch: self.epoch,
+                        why: String::from_utf8_lossy(&r.payload).into_owned(),
+                    });
+                }
+                Ok(r) => {
+                    return Err(fail(format!(
+                        "reply {:#06x}: {}",
+                        r.op,
+                        String::from_utf8_lossy(&r.payload)
+                    )));
+                }
+                Err(
+                    e @ (TransportError::Unreachable { .. }
+                    | TransportError::PeerClosed { .. }
+                    | TransportError::Timeout { .. }),
+                ) => {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(fail(e.to_string()));
+                    }
+                    glommio::timer::sleep(PEER_RETRY_PAUSE).await;
+                }
+                Err(e) => return Err(fail(e.to_string())),
+            }
+        }
+    }
+
+    /// Sends `change` to every replica at once; succeeds when all have it.
+    pub async fn send(&self, change: &ReplicaOp) -> Result<(), ReplicaError> {
+        if self.fenced.get() {
+            return Err(ReplicaError::Fenced {
+                vdisk: self.vdisk,
+                peer: self.peers.first().copied().unwrap_or_default(),
+                epoch: self.epoch,
+                why: "fenced earlier".into(),
+            });
+        }
+        let sends = self.peers.iter().map(|&p| self.send_to(p, change));
+        for r in futures_util::future::join_all(sends).await {
+            r?;
+        }
+        Ok(())
+    }
+
+    /// The set as a [`Mirror`] for [`crate::vdisk::Vdisk::set_mirror`].
+    pub fn mirror(self: &Rc<Self>) -> Mirror {
+        let set = self.clone();
+        Rc::new(move |change| {
+            let set = set.clone();
+            Box::pin(async move { set.send(&change).await.map_err(|e| e.to_string()) })
+        })
+    }
+}
+
+/// What a replica knows of one vdisk.
+struct Replica<D: BlockDevice> {
+    /// The recorded owner and epoch (from the ownership record).
+    owner: NodeId,
+    epoch: u64,
+    /// This node serves the vdisk itself now: nothing is accepted for it.
+    taken_over: bool,
+    oplog: Option<Rc<Oplog<D>>>,
+}
+
+/// The replica side on one node: applies the owners' changes to this node's copy (one device)
+/// and answers pings. It is the transport [`Handler`] of the node's replication port.
+pub struct ReplicaHost<D: BlockDevice, M: MetadataStore> {
+    node: NodeId,
+    store: Rc<BlockStore<D>>,
+    meta: Rc<M>,
+    oplog_cap_bytes: u64,
+    vdisks: RefCell<HashMap<u64, Replica<D>>>,
+    /// Serializes the (rare) refreshes of ownership records and oplog opens.
+    lock: async_lock::Mutex<()>,
+}
+
+impl<D: BlockDevice + 'static, M: MetadataStore + 'static> ReplicaHost<D, M> {
+    /// Replicas of node `node` kept on `store`, checked against the ownership records in `meta`.
+    pub fn new(node: NodeId, store: Rc<BlockStore<D>>, meta: Rc<M>, oplog_cap_bytes: u64) -> Self {
+        Self {
+            node,
+            store,
+            meta,
+            oplog_cap_bytes,
+            vdisks: RefCell::new(HashMap::new()),
+            lock: async_lock::Mutex::new(()),
+        }
+    }
+
+    /// The device replicas are kept on.
+    pub fn store(&self) -> &Rc<BlockStore<D>> {
+        &self.store
+    }
+
+    /// This node takes `vdisk` over at `epoch` (its ownership record already says so): the
+    /// replica stops accepting changes for it and closes its oplog, so the vdisk can be opened
+    /// from this device.
+    pub fn take_over(&self, vdisk: u64, epoch: u64) {
+        self.vdisks.borrow_mut().insert(
+            vdisk,
+            Replica {
+                owner: self.node,
+                epoch,
+                taken_over: true,
+                oplog: None,
+            },
+        );
+    }
+
+    /// Forgets `vdisk` (deleted, or served here no longer): the next request re-reads its record.
+    pub fn forget(&self, vdisk: u64) {
+        self.vdisks.borrow_mut().remove(&vdisk);
+    }
+
+    /// Whether this node holds a replica of `vdisk` open.
+    pub fn holds(&self, vdisk: u64) -> bool {
+        self.vdisks
+            .borrow()
+            .get(&vdisk)
+            .is_some_and(|r| !r.taken_over)
+    }
+
+    /// Checks that `from` owns `vdisk` at `epoch`, re-reading the ownership record when the
+    /// request names an epoch newer than the one known.
+    async fn check(&self, from: NodeId, vdisk: u64, epoch: u64) -> Result<(), (u16, String)> {
+        let known = self
+            .vdisks
+            .borrow()
+            .get(&vdisk)
+            .map(|r| (r.owner, r.epoch, r.taken_over));
+        let (owner, rec_epoch, taken) = match known {
+            Some(k) if k.1 >= epoch => k,
+            _ => {
+                let _g = self.lock.lock().await;
+                let rec = self
+                    .meta
+                    .get(&Ownership::key(vdisk))
+                    .await
+                    .map_err(|e| (reply::FAILED, format!("reading the ownership record: {e}")))?
+                    .ok_or((reply::STALE, format!("vdisk {vdisk} has no owner")))?;
+                let rec = Ownership::decode(&rec.value).map_err(|e| (reply::FAILED, e))?;
+                let mut map = self.vdisks.borrow_mut();
+                let r = map.entry(vdisk).or_insert(Replica {
+                    owner: rec.node_id,
+                    epoch: rec.epoch,
+                    taken_over: false,
+                    oplog: None,
+                });
+                if rec.epoch > r.epoch || (rec.epoch == r.epoch && !r.taken_over) {
+                    r.owner = rec.node_id;
+                    r.epoch = rec.epoch;
+                    r.taken_over = rec.node_id == self.node;
+                }
+                (r.owner, r.epoch, r.taken_over)
+            }
+        };
+        if taken {
+            return Err((
+                reply::STALE,
+                format!("node {} serves vdisk {vdisk} itself now", self.node),
+            ));
+        }
+        if owner != from || epoch != rec_epoch {
+            return Err((
+                reply::STALE,
+                format!(
+                    "vdisk {vdisk} is owned by node {owner} at epoch {rec_epoch}, \
+                     not node {from} at epoch {epoch}"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn oplog(&self, vdisk: u64) -> Result<Rc<Oplog<D>>, String> {
+        if let Some(o) = self
+            .vdisks
+            .borrow()
+            .get(&vdisk)
+            .and_then(|r| r.oplog.clone())
+        {
+            return Ok(o);
+        }
+        let _g = self.lock.lock().await;
+        if let Some(o) = self
+            .vdisks
+            .borrow()
+            .get(&vdisk)
+            .and_then(|r| r.oplog.clone())
+        {
+            return Ok(o);
+        }
+        // Whatever this device holds of the vdisk's oplog (an earlier run of the same stream)
+        // comes back; a new stream begins with RESET, which frees it first.
+        let oplog = Rc::new(
+            Oplog::recover(self.store.clone(), vdisk, 0, self.oplog_cap_bytes)
+                .await
+                .map_err(|e| e.to_string())?,
+        );
+        if let Some(r) = self.vdisks.borrow_mut().get_mut(&vdisk) {
+            r.oplog = Some(oplog.clone());
+        }
+        Ok(oplog)
+    }
+
+    async fn apply(&self, vdisk: u64, change: ReplicaOp) -> Result<(), String> {
+        let store_err = |e: StoreError| e.to_string();
+        match change {
+            ReplicaOp::Reset => {
+                if let Some(r) = self.vdisks.borrow_mut().get_mut(&vdisk) {
+                    r.oplog = None;
+                }
+                free_vdisk_egroups(&self.store, vdisk)
+                    .await
+                    .map_err(store_err)?;
+            }
+            ReplicaOp::OplogBatch { bytes, .. } => {
+                self.oplog(vdisk)
+                    .await?
+                    .append_replica(&bytes)
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            ReplicaOp::OplogDrained { seq } => {
+                let oplog = self
+                    .vdisks
+                    .borrow()
+                    .get(&vdisk)
+                    .and_then(|r| r.oplog.clone());
+                if let Some(o) = oplog {
+                    o.drained(seq).map_err(|e| e.to_string())?;
+                }
+            }
+            ReplicaOp::Allocate { egid } => match self.store.allocate(egid) {
+                Ok(()) | Err(StoreError::EgroupExists { .. }) => {}
+                Err(e) => return Err(e.to_string()),
+            },
+            ReplicaOp::Trim {
+                egid,
+                first,
+                blocks,
+            } => self
+                .store
+                .trim_slices(egid, first, blocks)
+                .await
+                .map_err(store_err)?,
+            ReplicaOp::Write { egid, first, data } => {
+                let mut buf = DmaBuf::new(data.len());
+                buf.copy_from_slice(&data);
+                self.store
+                    .write_slices(egid, first, &buf)
+                    .await
+                    .map_err(store_err)?;
+            }
+            ReplicaOp::Flush => self.store.flush().await.map_err(store_err)?,
+            ReplicaOp::Free { egid } => match self.store.free(egid) {
+                Ok(()) | Err(StoreError::NoSuchEgroup { .. }) => {}
+                Err(e) => return Err(e.to_string()),
+            },
+        }
+        Ok(())
+    }
+}
+
+impl<D: BlockDevice + 'static, M: MetadataStore + 'static> Handler for ReplicaHost<D, M> {
+    async fn handle(&self, from: NodeId, request: Message) -> Message {
+        let answer = |op: u16, why: String| Message {
+            op,
+            vdisk: request.vdisk,
+            epoch: request.epoch,
+            sequence: request.sequence,
+            payload: why.into_bytes(),
+        };
+        if request.op == op::PING {
+            return answer(reply::OK, String::new());
+        }
+        let change = match ReplicaOp::from_message(&request) {
+            Ok(c) => c,
+            Err(why) => return answer(reply::BAD_REQUEST, why.to_string()),
+        };
+        if let Err((code, why)) = self.check(from, request.vdisk, request.epoch).await {
+            return answer(code, why);
+        }
+        match self.apply(request.vdisk, change).await {
+            Ok(()) => answer(reply::OK, String::new()),
+            Err(why) => answer(reply::FAILED, why),
+        }
+    }
+}
+
+/// Frees every extent group of `vdisk` on `store` (oplog and extent store), durably. Returns
+/// how many.
+pub async fn free_vdisk_egroups<D: BlockDevice>(
+    store: &BlockStore<D>,
+    vdisk: u64,
+) -> Result<usize, StoreError> {
+    let mut freed = 0;
+    for e in store.egroups() {
+        if (e.egid & !OPLOG_EGID_BIT) >> 24 == vdisk {
+            store.free(e.egid)?;
+            freed += 1;
+        }
+    }
+    if freed > 0 {
+        store.flush().await?;
+    }
+    Ok(freed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ownership_round_trips_and_refuses_damage() {
+        let o = Ownership {
+            node_id: 3,
+            device_uuid: 0x0123_4567_89ab_cdef_0011_2233_4455_6677,
+            epoch: 9,
+            replicas: vec![1, 2],
+        };
+        let mut b = o.encode();
+        assert_eq!(Ownership::decode(&b).unwrap(), o);
+        b[5] ^= 1;
+        assert!(Ownership::decode(&b).unwrap_err().contains("checksum"));
+        b[5] ^= 1;
+        b[0] = 7;
+        assert!(Ownership::decode(&b).unwrap_err().contains("version 7"));
+        b[0] = 2;
+        assert!(
+            Ownership::decode(&b[..10])
+                .unwrap_err()
+                .contains("10 bytes")
+        );
+        assert_eq!(Ownership::key(1), b"v/0000000000000001/owner".to_vec());
+        // Version 1 records (no replicas) still decode.
+        let mut v1 = vec![1u8];
+        v1.extend_from_slice(&3u64.to_le_bytes());
+        v1.extend_from_slice(&o.device_uuid.to_le_bytes());
+        v1.extend_from_slice(&1u64.to_le_bytes());
+        let crc = crc32c::crc32c(&v1);
+        v1.extend_from_slice(&crc.to_le_bytes());
+        let d = Ownership::decode(&v1).unwrap();
+        assert_eq!((d.node_id, d.epoch, d.replicas.len()), (3, 1, 0));
+    }
+
+    #[test]
+    fn requests_round_trip_and_bad_ones_are_refused() {
+        let vd = 5u64;
+        let egid = vd << 24 | 7;
+        let ops = [
+            ReplicaOp::Reset,
+            ReplicaOp::OplogDrained { seq: 11 },
+            ReplicaOp::Allocate { egid },
+            ReplicaOp::Trim {
+                egid,
+                first: 3,
+                blocks: 9,
+            },
+            ReplicaOp::Write {
+                egid,
+                first: 2,
+                data: Rc::from(vec![7u8; 8192]),
+            },
+            ReplicaOp::Flush,
+            ReplicaOp::Free { egid },
+        ];
+        for o in ops {
+            let m = o.to_message(vd, 4);
+            let back = ReplicaOp::from_message(&m).unwrap();
+            assert_eq!(back.to_message(vd, 4), m);
+        }
+        // Another vdisk's extent group, an oplog extent group, short payloads, odd data.
+        let other = ReplicaOp::Allocate { egid: 6 << 24 }.to_message(vd, 1);
+        assert!(ReplicaOp::from_message(&other).is_err());
+        let oplog = ReplicaOp::Free {
+            egid: OPLOG_EGID_BIT | egid,
+        }
+        .to_message(vd, 1);
+        assert!(ReplicaOp::from_message(&oplog).is_err());
+        let mut short = ReplicaOp::Trim {
+            egid,
+            first: 0,
+            blocks: 1,
+        }
+        .to_message(vd, 1);
+        short.payload.truncate(10);
+        assert!(ReplicaOp::from_message(&short).is_err());
+        let mut odd = ReplicaOp::Write {
+            egid,
+            first: 0,
+            data: Rc::from(vec![0u8; 4096]),
+        }
+        .to_message(vd, 1);
+        odd.payload.push(1);
+        assert!(ReplicaOp::from_message(&odd).is_err());
+        let unknown = Message {
+            op: 0x0199,
+            vdisk: vd,
+            ..Message::default()
+        };
+        assert!(ReplicaOp::from_message(&unknown).is_err());
+    }
+}
