@@ -6,6 +6,7 @@
 //! nbd_port = 10809
 //! iscsi_port = 3260
 //! grpc_port = 7100            # control plane (raft groups, cairn CLI)
+//! data_port = 7200            # data plane: replication between nodes
 //! # advertise = "10.0.0.5:7100" # control address others reach this node at
 //! # peers = ["1=10.0.0.5:7100", "2=10.0.0.6:7100", "3=10.0.0.7:7100"]  # founding voters
 //! # block = "b1"              # failure domains: raft voters are spread over blocks and racks
@@ -47,6 +48,8 @@ use crate::size::parse_size;
 pub const NODE_CONFIG_FILE: &str = "node.toml";
 /// Default control-plane (gRPC) port.
 pub const DEFAULT_GRPC_PORT: u16 = 7100;
+/// Default data-plane (replication) port.
+pub const DEFAULT_DATA_PORT: u16 = 7200;
 /// Vdisk sizes are multiples of this (the control plane's extent alignment).
 pub const VDISK_SIZE_ALIGNMENT: u64 = controlplane::server::VDISK_SIZE_ALIGNMENT_BYTES;
 /// Default NBD port (IANA).
@@ -162,6 +165,9 @@ pub struct NodeConfig {
     /// Control-plane gRPC port.
     #[serde(default = "default_grpc_port")]
     pub grpc_port: u16,
+    /// Data-plane port: replication traffic from the owners of replicated vdisks.
+    #[serde(default = "default_data_port")]
+    pub data_port: u16,
     /// Control address others reach this node at, host:port (default: listen:grpc_port).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub advertise: Option<String>,
@@ -210,6 +216,9 @@ fn default_node_id() -> u64 {
 fn default_grpc_port() -> u16 {
     DEFAULT_GRPC_PORT
 }
+fn default_data_port() -> u16 {
+    DEFAULT_DATA_PORT
+}
 fn default_shards() -> u32 {
     controlplane::server::DEFAULT_METADATA_SHARDS
 }
@@ -230,6 +239,17 @@ fn default_oplog_cap() -> Size {
 }
 
 impl NodeConfig {
+    /// Where other nodes reach this node's data port: the advertised host (else the listen
+    /// address) with `data_port`.
+    pub fn data_addr(&self) -> String {
+        let host = self
+            .advertise
+            .as_deref()
+            .and_then(|a| a.rsplit_once(':').map(|(h, _)| h))
+            .unwrap_or(&self.listen);
+        format!("{host}:{}", self.data_port)
+    }
+
     /// The embedded default: one file-backed device and a thin 4 GiB vdisk `vd0`.
     pub fn embedded_default() -> Self {
         Self {
@@ -238,6 +258,7 @@ impl NodeConfig {
             nbd_port: DEFAULT_NBD_PORT,
             iscsi_port: DEFAULT_ISCSI_PORT,
             grpc_port: DEFAULT_GRPC_PORT,
+            data_port: DEFAULT_DATA_PORT,
             advertise: None,
             peers: Vec::new(),
             block: String::new(),

@@ -49,8 +49,13 @@ use pb::vdisk_service_client::VdiskServiceClient;
 use tokio::sync::watch;
 
 use crate::config::{NODE_CONFIG_FILE, NodeConfig};
-use crate::meta_store::{ControlPlaneMetadata, Ownership};
+use crate::meta_store::ControlPlaneMetadata;
 use crate::size::human;
+use dataplane::replication::{
+    Ownership, ReplicaHost, ReplicaSet, free_vdisk_egroups, op as rop, reply,
+};
+use dataplane::transport::tcp::{TcpConfig, TcpTransport};
+use dataplane::transport::{Message, Transport};
 
 /// Arguments of `cairn node run`.
 #[derive(Debug, Args)]
@@ -73,12 +78,16 @@ pub struct RunArgs {
     /// Control-plane (gRPC) port.
     #[arg(long)]
     pub grpc_port: Option<u16>,
+    /// Data-plane (replication) port.
+    #[arg(long)]
+    pub data_port: Option<u16>,
     /// Data-plane executors (default: one per online CPU).
     #[arg(long)]
     pub cores: Option<usize>,
 }
 
 type Disk = Vdisk<uring::UringDevice, ControlPlaneMetadata>;
+type Host = ReplicaHost<uring::UringDevice, ControlPlaneMetadata>;
 
 /// A vdisk this node serves: name, id, owner core, size.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,6 +164,9 @@ fn configure(args: &RunArgs) -> Result<(NodeConfig, bool)> {
     if let Some(p) = args.grpc_port {
         cfg.grpc_port = p;
     }
+    if let Some(p) = args.data_port {
+        cfg.data_port = p;
+    }
     if let Some(c) = args.cores {
         cfg.cores = c;
     }
@@ -229,6 +241,11 @@ const METADATA_RETRY: Duration = Duration::from_secs(10);
 const RECONCILE_INTERVAL: Duration = Duration::from_millis(500);
 /// How long a starting core waits for every vdisk of the config to be placed and opened.
 const STARTUP_SETTLE: Duration = Duration::from_secs(30);
+/// How long the owner of a replicated vdisk must stay silent (no answer to pings on its data
+/// port) before a replica takes the vdisk over.
+const FAILOVER_AFTER: Duration = Duration::from_secs(3);
+/// How long a ping waits for its answer.
+const PING_TIMEOUT: Duration = Duration::from_millis(500);
 /// How often a core reports its devices' usage.
 const DEVICE_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 /// Name of the cluster a founder creates.
@@ -262,6 +279,7 @@ pub fn run(args: RunArgs) -> Result<()> {
     options.metadata_shards = cfg.metadata_shards;
     options.block = cfg.block.clone();
     options.rack = cfg.rack.clone();
+    options.data_addr = cfg.data_addr();
     let cp = ControlPlane::start(options).context("starting the control plane")?;
     let control = cp.local_addr();
     let forms_cluster = !cfg.join && founders.keys().next().is_none_or(|&id| id == cfg.node_id);
@@ -522,7 +540,19 @@ struct CoreVdisks {
     /// Device uuid -> (device index, its block store).
     stores: HashMap<u128, (usize, Rc<BlockStore<uring::UringDevice>>)>,
     exports: Rc<CoreExports>,
-    owners: RefCell<HashMap<u64, Ownership>>,
+    /// Ownership records of the unreplicated vdisks (they change only when a vdisk is deleted).
+    owners: RefCell<HashMap<u64, (Ownership, u64)>>,
+    /// This core's connections to the other nodes' data ports.
+    transport: Rc<TcpTransport>,
+    /// Data addresses given to `transport`.
+    peer_addrs: RefCell<HashMap<u64, SocketAddr>>,
+    /// The replica side (core 0 only): copies of other nodes' vdisks on this core's first
+    /// device, served on the data port.
+    host: Option<Rc<Host>>,
+    /// Replica sets of the replicated vdisks this core serves.
+    mirrors: RefCell<HashMap<u64, Rc<ReplicaSet<TcpTransport>>>>,
+    /// Since when the owner of a vdisk this node holds a replica of has not answered.
+    owner_silent: RefCell<HashMap<u64, std::time::Instant>>,
     /// Drain loops of the open vdisks.
     drains: RefCell<HashMap<u64, glommio::Task<()>>>,
     /// Problems already reported (vdisk id -> message), so a retry does not flood the log.
@@ -538,19 +568,24 @@ impl CoreVdisks {
         }
     }
 
-    /// Who serves vdisk `v`: the recorded owner, or this node if the device chosen for it is on
-    /// this core and the claim wins. `None`: not decided yet (another core's device, or a claim
-    /// that lost a race and is read back on the next pass).
-    async fn owner(&self, v: &VdiskRecord) -> Result<Option<Ownership>> {
-        if let Some(o) = self.owners.borrow().get(&v.vdisk_id) {
-            return Ok(Some(*o));
+    /// Who serves vdisk `v`, with the record's version: the recorded owner, or this node if the
+    /// device chosen for it is on this core and the claim wins. `None`: not decided yet
+    /// (another core's device, or a claim that lost a race and is read back on the next pass).
+    /// Records of replicated vdisks are read afresh every time (owners and epochs change).
+    async fn owner(&self, v: &VdiskRecord, replicated: bool) -> Result<Option<(Ownership, u64)>> {
+        if !replicated && let Some(o) = self.owners.borrow().get(&v.vdisk_id) {
+            return Ok(Some(o.clone()));
         }
         let key = Ownership::key(v.vdisk_id);
         if let Some(found) = self.meta.get(&key).await? {
             let o =
                 Ownership::decode(&found.value).map_err(|e| anyhow!("vdisk {}: {e}", v.name))?;
-            self.owners.borrow_mut().insert(v.vdisk_id, o);
-            return Ok(Some(o));
+            if !replicated {
+                self.owners
+                    .borrow_mut()
+                    .insert(v.vdisk_id, (o.clone(), found.version));
+            }
+            return Ok(Some((o, found.version)));
         }
         let devices = self.setup.cfg.devices.len();
         let index = self
@@ -567,6 +602,7 @@ impl CoreVdisks {
             node_id: self.setup.cfg.node_id,
             device_uuid: uuid,
             epoch: 1,
+            replicas: Vec::new(),
         };
         match self
             .meta
@@ -577,9 +613,13 @@ impl CoreVdisks {
             }])
             .await
         {
-            Ok(_) => {
-                self.owners.borrow_mut().insert(v.vdisk_id, claim);
-                Ok(Some(claim))
+            Ok(version) => {
+                if !replicated {
+                    self.owners
+                        .borrow_mut()
+                        .insert(v.vdisk_id, (claim.clone(), version));
+                }
+                Ok(Some((claim, version)))
             }
             Err(MetaError::Conflict { .. }) => Ok(None),
             Err(e) => Err(e.into()),
@@ -587,30 +627,261 @@ impl CoreVdisks {
     }
 
     async fn open(&self, v: &VdiskRecord, store: Rc<BlockStore<uring::UringDevice>>) -> Result<()> {
+        let vd = self.open_vdisk(v, store).await?;
+        self.serve(v.vdisk_id, vd);
+        Ok(())
+    }
+
+    async fn open_vdisk(
+        &self,
+        v: &VdiskRecord,
+        store: Rc<BlockStore<uring::UringDevice>>,
+    ) -> Result<Rc<Disk>> {
         let vcfg = VdiskConfig {
             oplog_cap_bytes: self.setup.cfg.oplog_cap.0,
             ..VdiskConfig::new(v.vdisk_id, &v.name, v.size_bytes)
         };
-        let vd = Vdisk::open(store, self.meta.clone(), self.cache.clone(), vcfg)
+        Vdisk::open(store, self.meta.clone(), self.cache.clone(), vcfg)
             .await
-            .with_context(|| format!("opening vdisk {}", v.name))?;
+            .with_context(|| format!("opening vdisk {}", v.name))
+    }
+
+    /// Starts the drain of an opened vdisk and exports it.
+    fn serve(&self, id: u64, vd: Rc<Disk>) {
         let drain = glommio::spawn_local(vd.clone().drain_loop());
-        self.drains.borrow_mut().insert(v.vdisk_id, drain);
+        self.drains.borrow_mut().insert(id, drain);
         if self.stopping.get() {
             vd.stop();
         }
-        self.exports.local.borrow_mut().insert(v.vdisk_id, vd);
+        self.exports.local.borrow_mut().insert(id, vd);
+    }
+
+    /// Opens a replicated vdisk this node owns (`rec`, at `version`): chooses its replicas,
+    /// raises the epoch with no replica recorded, makes each replica a full copy, then records
+    /// them. The record names only complete copies, so a takeover never starts from a partial
+    /// one.
+    async fn open_replicated(
+        &self,
+        v: &VdiskRecord,
+        store: Rc<BlockStore<uring::UringDevice>>,
+        rec: Ownership,
+        version: u64,
+        rf: usize,
+        view: &ConfigView,
+    ) -> Result<()> {
+        let id = v.vdisk_id;
+        let peers = self.choose_replicas(id, &rec, rf - 1, view).await?;
+        let key = Ownership::key(id);
+        let mut own = Ownership {
+            replicas: Vec::new(),
+            epoch: rec.epoch + 1,
+            ..rec
+        };
+        let copying = self
+            .meta
+            .apply(vec![MetaOp::Put {
+                key: key.clone(),
+                value: own.encode(),
+                expect: Expect::Version(version),
+            }])
+            .await
+            .with_context(|| format!("vdisk {}: raising the ownership epoch", v.name))?;
+        let vd = self.open_vdisk(v, store).await?;
+        let set = ReplicaSet::new(self.transport.clone(), id, own.epoch, peers.clone());
+        let copied = vd.set_mirror(set.mirror()).await;
+        let (bytes, batches) = match copied {
+            Ok(c) => c,
+            Err(e) => {
+                vd.stop();
+                bail!("vdisk {}: making replicas on nodes {peers:?}: {e}", v.name);
+            }
+        };
+        own.replicas = peers.clone();
+        self.meta
+            .apply(vec![MetaOp::Put {
+                key,
+                value: own.encode(),
+                expect: Expect::Version(copying),
+            }])
+            .await
+            .with_context(|| format!("vdisk {}: recording its replicas", v.name))?;
+        println!(
+            "cairn node: vdisk {} replicated to nodes {peers:?} at epoch {} ({} and {batches} \
+             oplog batches copied)",
+            v.name,
+            own.epoch,
+            human(bytes)
+        );
+        self.mirrors.borrow_mut().insert(id, set);
+        // Where its data is, for a purge when it is deleted.
+        self.owners.borrow_mut().insert(id, (own, version));
+        self.serve(id, vd);
         Ok(())
+    }
+
+    /// `want` live nodes other than this one for the replicas of `vdisk`, none sharing a block
+    /// or rack with this node or each other (as far as nodes name them). The current replicas
+    /// come first, then an order by a hash of (vdisk, node), which spreads vdisks evenly.
+    async fn choose_replicas(
+        &self,
+        vdisk: u64,
+        rec: &Ownership,
+        want: usize,
+        view: &ConfigView,
+    ) -> Result<Vec<u64>> {
+        let me = self.setup.cfg.node_id;
+        let domain = |id: u64| {
+            view.nodes
+                .iter()
+                .find(|n| n.record.node_id == id)
+                .map(|n| (n.record.block.clone(), n.record.rack.clone()))
+                .unwrap_or_default()
+        };
+        let mut candidates: Vec<u64> = view
+            .nodes
+            .iter()
+            .filter(|n| n.record.node_id != me && !n.record.data_addr.is_empty())
+            .map(|n| n.record.node_id)
+            .collect();
+        candidates.sort_by_key(|&n| (!rec.replicas.contains(&n), spread_hash(vdisk, n)));
+        let mut taken = vec![domain(me)];
+        let mut chosen = Vec::new();
+        for n in candidates {
+            if chosen.len() == want {
+                break;
+            }
+            let (block, rack) = domain(n);
+            let clash = taken.iter().any(|(b, r)| {
+                (!block.is_empty() && *b == block) || (!rack.is_empty() && *r == rack)
+            });
+            if clash || !self.ping(n).await {
+                continue;
+            }
+            taken.push((block, rack));
+            chosen.push(n);
+        }
+        if chosen.len() < want {
+            bail!(
+                "vdisk {vdisk} needs {want} replica node(s) in other failure domains; {} \
+                 answered",
+                chosen.len()
+            );
+        }
+        Ok(chosen)
+    }
+
+    /// Whether `node` answers a ping on its data port.
+    async fn ping(&self, node: u64) -> bool {
+        let call = self.transport.call(
+            node,
+            Message {
+                op: rop::PING,
+                ..Message::default()
+            },
+        );
+        let limit = async {
+            glommio::timer::sleep(PING_TIMEOUT).await;
+            Err(dataplane::transport::TransportError::Shutdown)
+        };
+        matches!(futures_lite::future::or(call, limit).await, Ok(r) if r.op == reply::OK)
+    }
+
+    /// A replica's watch over the owner of `id`: true once the owner has not answered for
+    /// [`FAILOVER_AFTER`].
+    async fn owner_gone(&self, id: u64, owner: u64) -> bool {
+        if self.ping(owner).await {
+            self.owner_silent.borrow_mut().remove(&id);
+            return false;
+        }
+        let since = *self
+            .owner_silent
+            .borrow_mut()
+            .entry(id)
+            .or_insert_with(std::time::Instant::now);
+        since.elapsed() >= FAILOVER_AFTER
+    }
+
+    /// Takes vdisk `v` over from its silent owner (`rec` at `version`): compare-and-swap of the
+    /// record to this node and its replica device at the next epoch, which fences the old owner
+    /// (the replicas refuse its epoch); then the replica stops taking changes. The next pass
+    /// opens the vdisk from the replica, replaying its oplog. Returns whether the swap won.
+    async fn take_over(&self, v: &VdiskRecord, rec: &Ownership, version: u64) -> Result<bool> {
+        let Some(host) = &self.host else {
+            return Ok(false);
+        };
+        let me = self.setup.cfg.node_id;
+        let new = Ownership {
+            node_id: me,
+            device_uuid: host.store().superblock().uuid,
+            epoch: rec.epoch + 1,
+            replicas: rec.replicas.iter().copied().filter(|&r| r != me).collect(),
+        };
+        let swapped = self
+            .meta
+            .apply(vec![MetaOp::Put {
+                key: Ownership::key(v.vdisk_id),
+                value: new.encode(),
+                expect: Expect::Version(version),
+            }])
+            .await;
+        match swapped {
+            Ok(_) => {
+                host.take_over(v.vdisk_id, new.epoch).await;
+                self.owner_silent.borrow_mut().remove(&v.vdisk_id);
+                println!(
+                    "cairn node: node {me} takes vdisk {} over from node {} (silent for {:?}), \
+                     epoch {}",
+                    v.name, rec.node_id, FAILOVER_AFTER, new.epoch
+                );
+                Ok(true)
+            }
+            Err(MetaError::Conflict { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Stops serving vdisk `id` (deleted, fenced, failed or owned by another node now): no new
+    /// requests, drain stopped.
+    async fn close(&self, id: u64) -> Option<Rc<Disk>> {
+        let vd = self.exports.local.borrow_mut().remove(&id)?;
+        vd.stop();
+        let drain = self.drains.borrow_mut().remove(&id);
+        if let Some(drain) = drain {
+            drain.await;
+        }
+        self.mirrors.borrow_mut().remove(&id);
+        Some(vd)
+    }
+
+    /// Gives `transport` the data addresses of the nodes in `view`.
+    fn update_peers(&self, view: &ConfigView) {
+        for n in &view.nodes {
+            let r = &n.record;
+            let Ok(addr) = r.data_addr.parse::<SocketAddr>() else {
+                continue;
+            };
+            if self.peer_addrs.borrow().get(&r.node_id) != Some(&addr) {
+                self.transport.set_peer(r.node_id, addr);
+                self.peer_addrs.borrow_mut().insert(r.node_id, addr);
+            }
+        }
     }
 
     /// Brings the served vdisks in line with `view`. Returns whether everything was decided.
     async fn reconcile(&self, view: &ConfigView, events: &mpsc::Sender<CoreEvent>) -> bool {
         let me = self.setup.cfg.node_id;
+        self.update_peers(view);
         let mut complete = true;
         let mut all = Vec::new();
         for s in &view.vdisks {
             let v = &s.record;
-            let owner = match self.owner(v).await {
+            let rf = view
+                .containers
+                .iter()
+                .find(|c| c.record.name == v.container)
+                .map_or(1, |c| c.record.settings.replication_factor as usize);
+            let replicated = rf >= 2;
+            let (owner, version) = match self.owner(v, replicated).await {
                 Ok(Some(o)) => o,
                 Ok(None) => {
                     complete = false;
@@ -623,7 +894,49 @@ impl CoreVdisks {
                 }
             };
             if owner.node_id != me {
+                if self.close(v.vdisk_id).await.is_some() {
+                    println!(
+                        "cairn node: vdisk {} is served by node {} now (epoch {}); stopped \
+                         serving it",
+                        v.name, owner.node_id, owner.epoch
+                    );
+                }
+                if replicated
+                    && self.host.is_some()
+                    && owner.replicas.contains(&me)
+                    && self.owner_gone(v.vdisk_id, owner.node_id).await
+                {
+                    match self.take_over(v, &owner, version).await {
+                        Ok(_) => complete = false, // opened on the next pass
+                        Err(e) => self.report(v.vdisk_id, format!("vdisk {}: {e:#}", v.name)),
+                    }
+                }
                 continue; // served by another node
+            }
+            // Served here, but its replicas refused it or its oplog failed: close it and open
+            // it again (new epoch, replicas chosen again) on the next pass.
+            let broken = self
+                .exports
+                .local
+                .borrow()
+                .get(&v.vdisk_id)
+                .is_some_and(|vd| vd.oplog().is_failed())
+                || self
+                    .mirrors
+                    .borrow()
+                    .get(&v.vdisk_id)
+                    .is_some_and(|m| m.is_fenced());
+            if broken {
+                self.close(v.vdisk_id).await;
+                self.report(
+                    v.vdisk_id,
+                    format!(
+                        "vdisk {} lost a replica or its oplog failed; reopening it",
+                        v.name
+                    ),
+                );
+                complete = false;
+                continue;
             }
             let core = self
                 .setup
@@ -653,11 +966,18 @@ impl CoreVdisks {
                     complete = false;
                     continue;
                 };
-                if let Err(e) = self.open(v, store.clone()).await {
+                let opened = if replicated {
+                    self.open_replicated(v, store.clone(), owner, version, rf, view)
+                        .await
+                } else {
+                    self.open(v, store.clone()).await
+                };
+                if let Err(e) = opened {
                     self.report(v.vdisk_id, format!("{e:#}"));
                     complete = false;
                     continue;
                 }
+                self.reported.borrow_mut().remove(&v.vdisk_id);
                 let _ = events.send(CoreEvent::Serving(export.clone()));
             }
             all.push(export);
@@ -673,15 +993,10 @@ impl CoreVdisks {
         // Hosts can no longer reach a deleted vdisk; stop it and release its space.
         *self.exports.all.borrow_mut() = all;
         for id in gone {
-            let Some(vd) = self.exports.local.borrow_mut().remove(&id) else {
+            let Some(vd) = self.close(id).await else {
                 continue;
             };
-            vd.stop();
-            let drain = self.drains.borrow_mut().remove(&id);
-            if let Some(drain) = drain {
-                drain.await;
-            }
-            let owner = self.owners.borrow_mut().remove(&id);
+            let owner = self.owners.borrow_mut().remove(&id).map(|(o, _)| o);
             let name = vd.config().name.clone();
             let store = owner.and_then(|o| self.stores.get(&o.device_uuid).map(|(_, s)| s.clone()));
             let freed = match store {
@@ -695,6 +1010,21 @@ impl CoreVdisks {
                 None => 0,
             };
             let _ = events.send(CoreEvent::Removed(name, freed));
+        }
+        // Replicas of deleted vdisks: free their copies.
+        if let Some(host) = &self.host {
+            for id in host.known() {
+                if view.vdisks.iter().any(|s| s.record.vdisk_id == id) {
+                    continue;
+                }
+                host.forget(id);
+                if let Err(e) = free_vdisk_egroups(host.store(), id).await {
+                    self.report(
+                        id,
+                        format!("freeing the replica of deleted vdisk {id}: {e}"),
+                    );
+                }
+            }
         }
         complete
     }
@@ -773,6 +1103,25 @@ async fn run_core(
         .connect(move |id| lookup_map.borrow().get(&id).cloned())
         .await;
     let serves_frontends = !stores.is_empty();
+    let node_id = setup.cfg.node_id;
+    let transport = Rc::new(TcpTransport::new(node_id, TcpConfig::default()));
+    // Core 0 keeps the replicas of other nodes' vdisks, on its first device.
+    let host = (core == 0)
+        .then(|| {
+            stores
+                .values()
+                .min_by_key(|(i, _)| *i)
+                .map(|(_, s)| s.clone())
+        })
+        .flatten()
+        .map(|store| {
+            Rc::new(Host::new(
+                node_id,
+                store,
+                Rc::new(setup.meta.clone()),
+                setup.cfg.oplog_cap.0,
+            ))
+        });
     let exports = Rc::new(CoreExports {
         local,
         all: RefCell::new(Vec::new()),
@@ -785,23 +1134,50 @@ async fn run_core(
         stores,
         exports: exports.clone(),
         owners: RefCell::default(),
+        transport: transport.clone(),
+        peer_addrs: RefCell::default(),
+        host: host.clone(),
+        mirrors: RefCell::default(),
+        owner_silent: RefCell::default(),
         drains: RefCell::default(),
         reported: RefCell::default(),
         stopping: Cell::new(false),
     });
     let _ = events.send(CoreEvent::Devices(core, vdisks.device_infos()));
+    let shutdown = nbd::Shutdown::new();
+    let mut servers = Vec::new();
+    // The data port first: owners opening replicated vdisks (on this node or others starting
+    // at the same time) need their replicas to answer.
+    if let Some(host) = host {
+        let cfg = &vdisks.setup.cfg;
+        let listener = glommio::net::TcpListener::bind((cfg.listen.as_str(), cfg.data_port))
+            .map_err(|e| {
+                anyhow!(
+                    "data port: cannot listen on {}:{}: {e}",
+                    cfg.listen,
+                    cfg.data_port
+                )
+            })?;
+        let stop = shutdown.clone();
+        servers.push(glommio::spawn_local(async move {
+            dataplane::transport::tcp::serve(listener, node_id, host, TcpConfig::default(), stop)
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        }));
+    }
     // Ready means serving: wait (boundedly) until the other cores have claimed and opened
     // theirs, so that a host connecting to any core right after "ready" finds every vdisk.
     let first = vdisks.setup.view.borrow().clone();
     let mut complete = vdisks.reconcile(&first, events).await;
     let settle = std::time::Instant::now() + STARTUP_SETTLE;
+    let mut first = first;
     while !complete && std::time::Instant::now() < settle {
         glommio::timer::sleep(Duration::from_millis(50)).await;
+        first = vdisks.setup.view.borrow().clone();
         complete = vdisks.reconcile(&first, events).await;
     }
     let cfg = &vdisks.setup.cfg;
-    let shutdown = nbd::Shutdown::new();
-    let mut servers = Vec::new();
     if serves_frontends {
         let listener = glommio::net::TcpListener::bind((cfg.listen.as_str(), cfg.nbd_port))
             .map_err(|e| anyhow!("NBD: cannot listen on {}:{}: {e}", cfg.listen, cfg.nbd_port))?;
@@ -841,7 +1217,15 @@ async fn run_core(
             while !vdisks.stopping.get() {
                 glommio::timer::sleep(RECONCILE_INTERVAL).await;
                 let view = vdisks.setup.view.borrow().clone();
-                if (view.version != seen || !complete) && !vdisks.stopping.get() {
+                // Replicated vdisks are looked at on every pass: their owners can change (or
+                // go silent) without any change of the config.
+                let watch = view.vdisks.iter().any(|v| {
+                    view.containers.iter().any(|c| {
+                        c.record.name == v.record.container
+                            && c.record.settings.replication_factor >= 2
+                    })
+                });
+                if (view.version != seen || !complete || watch) && !vdisks.stopping.get() {
                     complete = vdisks.reconcile(&view, &events).await;
                     seen = view.version;
                 }
@@ -870,6 +1254,7 @@ async fn run_core(
     for drain in drains {
         drain.await;
     }
+    vdisks.transport.shutdown();
     println!(
         "cairn node: core {core} forwarded {} requests to other cores",
         exports.mesh.forwarded()
@@ -881,4 +1266,15 @@ async fn run_core(
             .context("checkpointing a device at shutdown")?;
     }
     Ok(())
+}
+
+/// A hash of (vdisk, node) that orders the candidate replica nodes of a vdisk (splitmix64).
+fn spread_hash(vdisk: u64, node: u64) -> u64 {
+    let mut z = vdisk
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(node)
+        .wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }

@@ -498,6 +498,8 @@ pub struct ReplicaHost<D: BlockDevice, M: MetadataStore> {
     meta: Rc<M>,
     oplog_cap_bytes: u64,
     vdisks: RefCell<HashMap<u64, Replica<D>>>,
+    /// Requests being applied, per vdisk (a takeover waits for them).
+    in_flight: RefCell<HashMap<u64, usize>>,
     /// Serializes the (rare) refreshes of ownership records and oplog opens.
     lock: async_lock::Mutex<()>,
 }
@@ -511,6 +513,7 @@ impl<D: BlockDevice + 'static, M: MetadataStore + 'static> ReplicaHost<D, M> {
             meta,
             oplog_cap_bytes,
             vdisks: RefCell::new(HashMap::new()),
+            in_flight: RefCell::new(HashMap::new()),
             lock: async_lock::Mutex::new(()),
         }
     }
@@ -521,10 +524,10 @@ impl<D: BlockDevice + 'static, M: MetadataStore + 'static> ReplicaHost<D, M> {
     }
 
     /// This node takes `vdisk` over at `epoch` (its ownership record already says so): the
-    /// replica stops accepting changes for it and closes its oplog, so the vdisk can be opened
-    /// from this device.
-    pub fn take_over(&self, vdisk: u64, epoch: u64) {
-        self.vdisks.borrow_mut().insert(
+    /// replica stops accepting changes for it, closes its oplog and waits for the requests
+    /// already accepted, so the vdisk can then be opened from this device.
+    pub async fn take_over(&self, vdisk: u64, epoch: u64) {
+        let old = self.vdisks.borrow_mut().insert(
             vdisk,
             Replica {
                 owner: self.node,
@@ -533,6 +536,17 @@ impl<D: BlockDevice + 'static, M: MetadataStore + 'static> ReplicaHost<D, M> {
                 oplog: None,
             },
         );
+        if let Some(o) = old.and_then(|r| r.oplog) {
+            o.close();
+        }
+        while self.in_flight.borrow().get(&vdisk).is_some_and(|&n| n > 0) {
+            glommio::timer::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// The vdisks this host has heard of.
+    pub fn known(&self) -> Vec<u64> {
+        self.vdisks.borrow().keys().copied().collect()
     }
 
     /// Forgets `vdisk` (deleted, or served here no longer): the next request re-reads its record.
@@ -610,13 +624,10 @@ impl<D: BlockDevice + 'static, M: MetadataStore + 'static> ReplicaHost<D, M> {
             return Ok(o);
         }
         let _g = self.lock.lock().await;
-        if let Some(o) = self
-            .vdisks
-            .borrow()
-            .get(&vdisk)
-            .and_then(|r| r.oplog.clone())
-        {
-            return Ok(o);
+        match self.vdisks.borrow().get(&vdisk) {
+            Some(r) if r.taken_over => return Err("the vdisk was taken over".into()),
+            Some(Replica { oplog: Some(o), .. }) => return Ok(o.clone()),
+            _ => {}
         }
         // Whatever this device holds of the vdisk's oplog (an earlier run of the same stream)
         // comes back; a new stream begins with RESET, which frees it first.
@@ -709,7 +720,18 @@ impl<D: BlockDevice + 'static, M: MetadataStore + 'static> Handler for ReplicaHo
         if let Err((code, why)) = self.check(from, request.vdisk, request.epoch).await {
             return answer(code, why);
         }
-        match self.apply(request.vdisk, change).await {
+        // Counted from the check on (no await in between), so a takeover that starts later
+        // waits for it.
+        *self
+            .in_flight
+            .borrow_mut()
+            .entry(request.vdisk)
+            .or_default() += 1;
+        let result = self.apply(request.vdisk, change).await;
+        if let Some(n) = self.in_flight.borrow_mut().get_mut(&request.vdisk) {
+            *n -= 1;
+        }
+        match result {
             Ok(()) => answer(reply::OK, String::new()),
             Err(why) => answer(reply::FAILED, why),
         }

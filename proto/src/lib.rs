@@ -31,6 +31,7 @@ mod tests {
             }],
             block: "b1".into(),
             rack: "r1".into(),
+            data_addr: "10.0.0.7:7200".into(),
         };
         let bytes = info.encode_to_vec();
         assert_eq!(NodeInfo::decode(bytes.as_slice()).unwrap(), info);

@@ -994,6 +994,12 @@ impl<D: BlockDevice> Oplog<D> {
         Ok(batches.len())
     }
 
+    /// Takes the oplog offline: every later append fails (a replica whose vdisk is taken over).
+    pub fn close(&self) {
+        self.state.borrow_mut().failed = true;
+        self.committed.notify(usize::MAX);
+    }
+
     /// Whether the oplog has failed.
     pub fn is_failed(&self) -> bool {
         self.state.borrow().failed

@@ -576,7 +576,7 @@ fn a_replica_host_holds_everything_acknowledged_and_fences_the_old_owner() {
         }])
         .await
         .unwrap();
-        host.take_over(1, 2);
+        host.take_over(1, 2).await;
         let stale = host.handle(1, ReplicaOp::Flush.to_message(1, 1)).await;
         assert_eq!(stale.op, reply::STALE, "the old owner is fenced");
         let failed_over = Vdisk::open(store_b.clone(), meta.clone(), cache(), cfg())
