@@ -9,7 +9,7 @@ cargo build --release -j"$(nproc)" -q
 dir=$(mktemp -d /var/tmp/cairn-idle.XXXXXX)
 port=$((30000 + RANDOM % 1000))
 ./target/release/cairn node run --data-dir "$dir" --nbd-port "$port" \
-  --grpc-port $((port + 1000)) --iscsi-port $((port + 2000)) > "$dir/node.log" 2>&1 &
+  --grpc-port $((port + 1000)) --iscsi-port $((port + 2000)) --data-port $((port + 3000)) > "$dir/node.log" 2>&1 &
 pid=$!
 trap 'kill $pid 2>/dev/null; wait $pid 2>/dev/null; rm -rf "$dir"' EXIT
 for _ in $(seq 100); do grep -q "cairn node: ready" "$dir/node.log" && break; sleep 0.1; done

@@ -127,6 +127,7 @@ start_node() { # data_dir
     echo "nbd_port = $node_port"
     echo "iscsi_port = $node_iscsi_port"
     echo "grpc_port = $(free_port)"
+    echo "data_port = $(free_port)"
     [[ -n "$CORES" ]] && echo "cores = $CORES"
     echo "[[device]]"
     echo "path = \"dev0.img\""

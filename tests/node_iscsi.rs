@@ -74,7 +74,7 @@ fn libiscsi_conformance_suite_against_a_node() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let [port, nbd_port, grpc_port] = common::free_ports("127.0.0.1", 3)[..] else {
+    let [port, nbd_port, grpc_port, data_port] = common::free_ports("127.0.0.1", 4)[..] else {
         unreachable!()
     };
     let cfg = dir.path().join("node.toml");
@@ -82,10 +82,10 @@ fn libiscsi_conformance_suite_against_a_node() {
     std::fs::write(
         &cfg,
         format!(
-            "nbd_port = {}\ngrpc_port = {}\niscsi_port = {port}\ncores = 2\n\
+            "nbd_port = {}\ngrpc_port = {}\niscsi_port = {port}\ndata_port = {}\ncores = 2\n\
              [[device]]\npath = \"dev0.img\"\nsize = \"2GiB\"\n\
              [[vdisk]]\nname = \"vd0\"\nsize = \"256MiB\"\n",
-            nbd_port, grpc_port
+            nbd_port, grpc_port, data_port
         ),
     )
     .unwrap();

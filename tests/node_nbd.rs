@@ -6,27 +6,29 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use common::nbd::{Client, block};
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// The ports of one node: NBD, gRPC and iSCSI, each free and outside the ephemeral range.
+/// The ports of one node: NBD, gRPC, iSCSI and data, each free and outside the ephemeral range.
 #[derive(Clone, Copy)]
 struct Ports {
     nbd: u16,
     grpc: u16,
     iscsi: u16,
+    data: u16,
 }
 
 fn ports() -> Ports {
-    let p = common::free_ports("127.0.0.1", 3);
+    let p = common::free_ports("127.0.0.1", 4);
     Ports {
         nbd: p[0],
         grpc: p[1],
         iscsi: p[2],
+        data: p[3],
     }
 }
 
@@ -86,6 +88,7 @@ impl Node {
             // Control plane and iSCSI on ports of their own, so tests can run side by side.
             .args(["--grpc-port", &ports.grpc.to_string()])
             .args(["--iscsi-port", &ports.iscsi.to_string()])
+            .args(["--data-port", &ports.data.to_string()])
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .spawn()
@@ -410,90 +413,6 @@ fn fio_random_write_verify_passes() {
     node.stop();
 }
 
-/// A minimal NBD client (fixed newstyle, OPT_GO, simple replies) that records what the server
-/// acknowledged.
-struct Client {
-    s: TcpStream,
-    handle: u64,
-}
-
-impl Client {
-    fn connect(port: u16) -> std::io::Result<Client> {
-        let mut s = TcpStream::connect(("127.0.0.1", port))?;
-        s.set_nodelay(true)?;
-        let mut hello = [0u8; 18];
-        s.read_exact(&mut hello)?;
-        assert_eq!(&hello[..8], b"NBDMAGIC");
-        s.write_all(&3u32.to_be_bytes())?; // FIXED_NEWSTYLE | NO_ZEROES
-        let name = b"vd0";
-        let mut opt = Vec::new();
-        opt.extend_from_slice(&0x4948_4156_454F_5054u64.to_be_bytes());
-        opt.extend_from_slice(&7u32.to_be_bytes()); // NBD_OPT_GO
-        opt.extend_from_slice(&(4 + name.len() as u32 + 2).to_be_bytes());
-        opt.extend_from_slice(&(name.len() as u32).to_be_bytes());
-        opt.extend_from_slice(name);
-        opt.extend_from_slice(&0u16.to_be_bytes());
-        s.write_all(&opt)?;
-        loop {
-            let mut h = [0u8; 20];
-            s.read_exact(&mut h)?;
-            let reply = u32::from_be_bytes(h[12..16].try_into().unwrap());
-            let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
-            let mut data = vec![0u8; len as usize];
-            s.read_exact(&mut data)?;
-            match reply {
-                1 => break,    // NBD_REP_ACK
-                3 => continue, // NBD_REP_INFO
-                other => panic!("option GO refused: reply {other:#x}"),
-            }
-        }
-        Ok(Client { s, handle: 0 })
-    }
-
-    fn request(
-        &mut self,
-        ty: u16,
-        offset: u64,
-        len: u32,
-        data: Option<&[u8]>,
-    ) -> std::io::Result<Vec<u8>> {
-        self.handle += 1;
-        let mut r = Vec::with_capacity(28 + data.map_or(0, |d| d.len()));
-        r.extend_from_slice(&0x2560_9513u32.to_be_bytes());
-        r.extend_from_slice(&0u16.to_be_bytes());
-        r.extend_from_slice(&ty.to_be_bytes());
-        r.extend_from_slice(&self.handle.to_be_bytes());
-        r.extend_from_slice(&offset.to_be_bytes());
-        r.extend_from_slice(&len.to_be_bytes());
-        if let Some(d) = data {
-            r.extend_from_slice(d);
-        }
-        self.s.write_all(&r)?;
-        let mut h = [0u8; 16];
-        self.s.read_exact(&mut h)?;
-        assert_eq!(u32::from_be_bytes(h[..4].try_into().unwrap()), 0x6744_6698);
-        let err = u32::from_be_bytes(h[4..8].try_into().unwrap());
-        if err != 0 {
-            return Err(std::io::Error::other(format!("NBD error {err}")));
-        }
-        let mut out = vec![0u8; if ty == 0 { len as usize } else { 0 }];
-        self.s.read_exact(&mut out)?;
-        Ok(out)
-    }
-}
-
-fn block(tag: u64) -> Vec<u8> {
-    let mut b = vec![0u8; 4096];
-    let mut x = tag.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    for c in b.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        c.copy_from_slice(&x.to_le_bytes());
-    }
-    b
-}
-
 /// kill -9 the node in the middle of writes from four connections (plus a fio load); after a
 /// restart every acknowledged write reads back, and a write in flight at the kill reads back as
 /// either its old or its new contents.
@@ -603,12 +522,12 @@ fn vdisks_on_two_cores_are_served_through_the_mesh() {
     std::fs::write(
         &cfg,
         format!(
-            "nbd_port = {p}\ngrpc_port = {}\niscsi_port = {}\ncores = 2\n\
+            "nbd_port = {p}\ngrpc_port = {}\niscsi_port = {}\ndata_port = {}\ncores = 2\n\
              [[device]]\npath = \"a.img\"\nsize = \"2GiB\"\n\
              [[device]]\npath = \"b.img\"\nsize = \"2GiB\"\n\
              [[vdisk]]\nname = \"vd0\"\nsize = \"1GiB\"\ndevice = 0\n\
              [[vdisk]]\nname = \"vd1\"\nsize = \"1GiB\"\ndevice = 1\n",
-            ports.grpc, ports.iscsi
+            ports.grpc, ports.iscsi, ports.data
         ),
     )
     .unwrap();

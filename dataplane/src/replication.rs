@@ -25,7 +25,8 @@
 //!   WRITE                egid u64, first u32, data            -
 //!   FLUSH                -                                    -
 //!   FREE                 egid u64                             -
-//! reply: OK, STALE (payload: why), FAILED (payload: why), BAD_REQUEST (payload: why)
+//!   READ                 egid u64, first u32, blocks u32      -
+//! reply: OK (payload: the data of a READ), STALE, FAILED or BAD_REQUEST (payload: why)
 //! ```
 
 use std::cell::RefCell;
@@ -62,6 +63,8 @@ pub mod op {
     pub const FLUSH: u16 = 0x0107;
     /// Free an extent group.
     pub const FREE: u16 = 0x0108;
+    /// Read slices of an extent group (the owner repairs a slice that failed its checksum).
+    pub const READ: u16 = 0x0109;
 }
 
 /// Reply codes.
@@ -123,7 +126,19 @@ pub enum ReplicaOp {
         /// It.
         egid: ExtentGroupId,
     },
+    /// Slices read back (not a change: one replica answers).
+    Read {
+        /// Extent group.
+        egid: ExtentGroupId,
+        /// First slice.
+        first: u32,
+        /// Slices.
+        blocks: u32,
+    },
 }
+
+/// Most slices one READ asks for (1 MiB).
+pub const MAX_READ_SLICES: u32 = 256;
 
 impl ReplicaOp {
     /// The request for `vdisk` at `epoch`.
@@ -171,6 +186,15 @@ impl ReplicaOp {
             Self::Free { egid } => {
                 m.op = op::FREE;
                 m.payload = egid.to_le_bytes().to_vec();
+            }
+            Self::Read {
+                egid,
+                first,
+                blocks,
+            } => {
+                m.op = op::READ;
+                m.payload = egid_first(*egid, *first);
+                m.payload.extend_from_slice(&blocks.to_le_bytes());
             }
         }
         m
@@ -251,6 +275,18 @@ impl ReplicaOp {
                     egid: egid(u64_at(0)?)?,
                 }
             }
+            op::READ => {
+                exact(16)?;
+                let blocks = u32_at(12)?;
+                if blocks == 0 || blocks > MAX_READ_SLICES {
+                    return Err("read of 0 or more than 256 slices");
+                }
+                Self::Read {
+                    egid: egid(u64_at(0)?)?,
+                    first: u32_at(8)?,
+                    blocks,
+                }
+            }
             _ => return Err("unknown request code"),
         })
     }
@@ -308,7 +344,10 @@ impl Ownership {
         };
         let count = match version {
             OWNERSHIP_V1 => 0,
-            OWNERSHIP_V2 => usize::from(*b.get(33).ok_or("short ownership record")?),
+            OWNERSHIP_V2 => usize::from(
+                *b.get(33)
+                    .ok_or_else(|| format!("ownership record of {} bytes is too short", b.len()))?,
+            ),
             v => return Err(format!("ownership record version {v} is unknown")),
         };
         if count > MAX_REPLICAS {
@@ -340,8 +379,9 @@ impl Ownership {
     }
 }
 
-/// How the owner sends a change to its replicas (the replication layer; see [`ReplicaSet`]).
-pub type Mirror = Rc<dyn Fn(ReplicaOp) -> Pin<Box<dyn Future<Output = Result<(), String>>>>>;
+/// How the owner sends a change to its replicas, or reads from one (the replication layer; see
+/// [`ReplicaSet`]). Resolves to the data of a READ, empty for a change.
+pub type Mirror = Rc<dyn Fn(ReplicaOp) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, String>>>>>;
 
 /// How long a replica that cannot be reached is retried before the change fails (a restart of
 /// the replica's process fits in it).
@@ -411,7 +451,7 @@ impl<T: Transport + 'static> ReplicaSet<T> {
 
     /// Sends `change` to one replica, retrying while it is unreachable (up to
     /// [`PEER_RETRY_FOR`]).
-    pub async fn send_to(&self, peer: NodeId, change: &ReplicaOp) -> Result<(), ReplicaError> {
+    pub async fn send_to(&self, peer: NodeId, change: &ReplicaOp) -> Result<Vec<u8>, ReplicaError> {
         let request = change.to_message(self.vdisk, self.epoch);
         let deadline = std::time::Instant::now() + PEER_RETRY_FOR;
         let fail = |why: String| ReplicaError::Peer {
@@ -421,7 +461,7 @@ impl<T: Transport + 'static> ReplicaSet<T> {
         };
         loop {
             match self.transport.call(peer, request.clone()).await {
-                Ok(r) if r.op == reply::OK => return Ok(()),
+                Ok(r) if r.op == reply::OK => return Ok(r.payload),
                 Ok(r) if r.op == reply::STALE => {
                     self.fenced.set(true);
                     return Err(ReplicaError::Fenced {
@@ -453,8 +493,9 @@ impl<T: Transport + 'static> ReplicaSet<T> {
         }
     }
 
-    /// Sends `change` to every replica at once; succeeds when all have it.
-    pub async fn send(&self, change: &ReplicaOp) -> Result<(), ReplicaError> {
+    /// Sends `change` to every replica at once; succeeds when all have it. A READ goes to one
+    /// replica after the other until one answers, and returns its data.
+    pub async fn send(&self, change: &ReplicaOp) -> Result<Vec<u8>, ReplicaError> {
         if self.fenced.get() {
             return Err(ReplicaError::Fenced {
                 vdisk: self.vdisk,
@@ -463,11 +504,25 @@ impl<T: Transport + 'static> ReplicaSet<T> {
                 why: "fenced earlier".into(),
             });
         }
+        if let ReplicaOp::Read { .. } = change {
+            let mut last = None;
+            for &p in &self.peers {
+                match self.send_to(p, change).await {
+                    Ok(data) => return Ok(data),
+                    Err(e) => last = Some(e),
+                }
+            }
+            return Err(last.unwrap_or(ReplicaError::Peer {
+                vdisk: self.vdisk,
+                peer: 0,
+                why: "no replicas".into(),
+            }));
+        }
         let sends = self.peers.iter().map(|&p| self.send_to(p, change));
         for r in futures_util::future::join_all(sends).await {
             r?;
         }
-        Ok(())
+        Ok(Vec::new())
     }
 
     /// The set as a [`Mirror`] for [`crate::vdisk::Vdisk::set_mirror`].
@@ -642,7 +697,7 @@ impl<D: BlockDevice + 'static, M: MetadataStore + 'static> ReplicaHost<D, M> {
         Ok(oplog)
     }
 
-    async fn apply(&self, vdisk: u64, change: ReplicaOp) -> Result<(), String> {
+    async fn apply(&self, vdisk: u64, change: ReplicaOp) -> Result<Vec<u8>, String> {
         let store_err = |e: StoreError| e.to_string();
         match change {
             ReplicaOp::Reset => {
@@ -696,8 +751,20 @@ impl<D: BlockDevice + 'static, M: MetadataStore + 'static> ReplicaHost<D, M> {
                 Ok(()) | Err(StoreError::NoSuchEgroup { .. }) => {}
                 Err(e) => return Err(e.to_string()),
             },
+            ReplicaOp::Read {
+                egid,
+                first,
+                blocks,
+            } => {
+                let mut buf = DmaBuf::new(blocks as usize * BLOCK_BYTES);
+                self.store
+                    .read_slices(egid, first, &mut buf)
+                    .await
+                    .map_err(store_err)?;
+                return Ok(buf.to_vec());
+            }
         }
-        Ok(())
+        Ok(Vec::new())
     }
 }
 
@@ -732,7 +799,10 @@ impl<D: BlockDevice + 'static, M: MetadataStore + 'static> Handler for ReplicaHo
             *n -= 1;
         }
         match result {
-            Ok(()) => answer(reply::OK, String::new()),
+            Ok(data) => Message {
+                payload: data,
+                ..answer(reply::OK, String::new())
+            },
             Err(why) => answer(reply::FAILED, why),
         }
     }
@@ -814,6 +884,11 @@ mod tests {
             },
             ReplicaOp::Flush,
             ReplicaOp::Free { egid },
+            ReplicaOp::Read {
+                egid,
+                first: 5,
+                blocks: 256,
+            },
         ];
         for o in ops {
             let m = o.to_message(vd, 4);

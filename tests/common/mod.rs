@@ -5,6 +5,8 @@
 //! Every test binary that includes it uses a different part of it.
 #![allow(dead_code)]
 
+pub mod nbd;
+
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};

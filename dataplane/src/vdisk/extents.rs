@@ -137,6 +137,8 @@ pub struct ExtentStore<D: BlockDevice, M: MetadataStore> {
     map_lock: async_lock::Mutex<()>,
     /// Where every change of the vdisk's extent groups is copied (its replicas), if anywhere.
     mirror: RefCell<Option<Mirror>>,
+    /// Slices repaired from a replica.
+    repaired: Cell<u64>,
 }
 
 impl<D: BlockDevice, M: MetadataStore> ExtentStore<D, M> {
@@ -218,6 +220,7 @@ impl<D: BlockDevice, M: MetadataStore> ExtentStore<D, M> {
             next_n: Cell::new(next_n),
             map_lock: async_lock::Mutex::new(()),
             mirror: RefCell::new(None),
+            repaired: Cell::new(0),
         })
     }
 
@@ -236,11 +239,13 @@ impl<D: BlockDevice, M: MetadataStore> ExtentStore<D, M> {
         let vdisk = self.vdisk;
         let mirror = self.mirror.borrow().clone();
         let (local, remote) = match mirror {
-            None => (local.await, Ok(())),
+            None => (local.await, Ok(Vec::new())),
             Some(m) => futures_lite::future::zip(local, m(change())).await,
         };
         local.map_err(|source| ExtentError::Store { vdisk, source })?;
-        remote.map_err(|reason| ExtentError::Replication { vdisk, reason })
+        remote
+            .map(|_| ())
+            .map_err(|reason| ExtentError::Replication { vdisk, reason })
     }
 
     /// Sends the whole extent store to `mirror` (a new or re-joining replica, after its RESET):
@@ -405,15 +410,83 @@ impl<D: BlockDevice, M: MetadataStore> ExtentStore<D, M> {
                 buf.fill(0);
                 Ok(())
             }
-            Some(loc) => self
-                .store
-                .read_slices(loc.egid, Self::first_slice(loc, vblock), buf)
-                .await
-                .map_err(|source| ExtentError::Store {
-                    vdisk: self.vdisk,
-                    source,
-                }),
+            Some(loc) => {
+                let first = Self::first_slice(loc, vblock);
+                match self.store.read_slices(loc.egid, first, buf).await {
+                    Err(bad @ StoreError::ChecksumMismatch { .. }) => {
+                        self.repair(loc.egid, first, buf, bad).await
+                    }
+                    r => r.map_err(|source| ExtentError::Store {
+                        vdisk: self.vdisk,
+                        source,
+                    }),
+                }
+            }
         }
+    }
+
+    /// Slices `first..` of `egid` failed their checksum here (`bad`): reads them from a replica
+    /// into `buf` and rewrites the local copy. Without a replica, or when no replica has a good
+    /// copy, the checksum error stands.
+    async fn repair(
+        &self,
+        egid: ExtentGroupId,
+        first: u32,
+        buf: &mut DmaBuf,
+        bad: StoreError,
+    ) -> Result<(), ExtentError> {
+        let vdisk = self.vdisk;
+        let mirror = self.mirror.borrow().clone();
+        let Some(mirror) = mirror else {
+            return Err(ExtentError::Store { vdisk, source: bad });
+        };
+        let blocks = (buf.len() / BLOCK_BYTES) as u32;
+        let good = match mirror(ReplicaOp::Read {
+            egid,
+            first,
+            blocks,
+        })
+        .await
+        {
+            Ok(data) if data.len() == buf.len() => data,
+            Ok(data) => {
+                return Err(ExtentError::Replication {
+                    vdisk,
+                    reason: format!(
+                        "repairing after \"{bad}\": a replica returned {} bytes, not {}",
+                        data.len(),
+                        buf.len()
+                    ),
+                });
+            }
+            Err(reason) => {
+                return Err(ExtentError::Replication {
+                    vdisk,
+                    reason: format!("repairing after \"{bad}\": {reason}"),
+                });
+            }
+        };
+        buf.copy_from_slice(&good);
+        self.store
+            .write_slices(egid, first, buf)
+            .await
+            .map_err(|source| ExtentError::Store { vdisk, source })?;
+        self.repaired.set(self.repaired.get() + u64::from(blocks));
+        eprintln!(
+            "cairn: vdisk {vdisk}: {bad}; {blocks} slice(s) from slice {first} read from a \
+             replica and rewritten"
+        );
+        Ok(())
+    }
+
+    /// The block store holding the extents.
+    pub fn store(&self) -> &Rc<BlockStore<D>> {
+        &self.store
+    }
+
+    /// Slices repaired from a replica after failing their checksum here.
+    pub fn repaired_slices(&self) -> u64 {
+        self.repaired.get()
     }
 
     /// Writes blocks `vblock..` (within one mapped extent) from `buf`.

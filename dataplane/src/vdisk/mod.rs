@@ -346,7 +346,8 @@ impl<D: BlockDevice, M: MetadataStore> Vdisk<D, M> {
         self.extents.set_mirror(mirror.clone());
         let m = mirror.clone();
         self.oplog.set_replicator(Box::new(move |seq, bytes| {
-            m(ReplicaOp::OplogBatch { seq, bytes })
+            let sent = m(ReplicaOp::OplogBatch { seq, bytes });
+            Box::pin(async move { sent.await.map(|_| ()) })
         }));
         *self.mirror.borrow_mut() = Some(mirror);
         Ok((bytes, batches))

@@ -552,7 +552,7 @@ fn a_replica_host_holds_everything_acknowledged_and_fences_the_old_owner() {
                 Box::pin(async move {
                     let r = host.handle(1, change.to_message(1, 1)).await;
                     if r.op == reply::OK {
-                        Ok(())
+                        Ok(r.payload)
                     } else {
                         Err(String::from_utf8_lossy(&r.payload).into_owned())
                     }
@@ -563,6 +563,43 @@ fn a_replica_host_holds_everything_acknowledged_and_fences_the_old_owner() {
         assert!(
             bytes > 0 && batches > 0,
             "copied {bytes} bytes, {batches} batches"
+        );
+        // Bit rot in the owner's extent store: the read is served from the replica and the
+        // local copy rewritten.
+        let data = fill(&mut ChaCha8Rng::seed_from_u64(5), 8192);
+        primary.write(0, &data, false).await.unwrap();
+        model[..8192].copy_from_slice(&data);
+        primary.drain_all().await.unwrap();
+        let loc = primary.extents.lookup(0).unwrap();
+        let store_a = primary.extents.store().clone();
+        let at = store_a
+            .egroups()
+            .iter()
+            .find(|e| e.egid == loc.egid)
+            .unwrap()
+            .offset
+            + u64::from(loc.slot) * EXTENT_BLOCKS * 4096
+            + 4096
+            + 17;
+        let mut byte = [0u8; 1];
+        dev_a.peek(at, &mut byte);
+        dev_a.poke(at, &[byte[0] ^ 0x40]);
+        primary.cache.borrow_mut().invalidate_vdisk(1);
+        let mut two = vec![0u8; 8192];
+        primary.read(0, &mut two).await.unwrap();
+        assert!(two == data, "the rotten slice was served");
+        assert_eq!(
+            primary.extents.repaired_slices(),
+            2,
+            "the read's 2 slices repaired"
+        );
+        primary.cache.borrow_mut().invalidate_vdisk(1);
+        primary.read(0, &mut two).await.unwrap();
+        assert!(two == data);
+        assert_eq!(
+            primary.extents.repaired_slices(),
+            2,
+            "the local copy is good again"
         );
         step(&primary, &mut model, 140).await;
         assert!(primary.oplog().undrained_batches() > 0);

@@ -1,0 +1,384 @@
+//! Replication and failover on a real 3-node cluster: three `cairn node run` processes, vdisk
+//! `vd0` in an RF2 container, writers over NBD that record which writes were acknowledged.
+//!
+//! 1. kill -9 the owner mid-run: a replica takes the vdisk over, the writers reconnect to it,
+//!    and every acknowledged block reads back (a write cut off by the kill reads back as its
+//!    old or its new contents);
+//! 2. restart the old owner, then kill -9 the non-owner replica mid-run: the owner replaces it
+//!    with the restarted node and goes on; again every acknowledged block reads back.
+//!
+//! `CAIRN_REPLICATION_ROUNDS=N` repeats the owner kill N times (nightly mode; default 1).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::nbd::{CMD_READ, CMD_WRITE, Client, block};
+
+const BLOCKS_PER_WRITER: u64 = 1024;
+const WRITERS: u64 = 4;
+
+struct DataNode {
+    id: u64,
+    nbd: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl DataNode {
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("log")).unwrap_or_default()
+    }
+
+    fn start(&mut self) {
+        assert!(self.child.is_none());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("log"))
+            .unwrap();
+        let child = Command::new(common::BIN)
+            .args(["node", "run", "--data-dir"])
+            .arg(self.dir.join("data"))
+            .arg("--config")
+            .arg(self.dir.join("node.toml"))
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start cairn node");
+        self.child = Some(child);
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn wait_ready(&self, runs: usize) {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while self.log().matches("cairn node: ready").count() < runs {
+            assert!(
+                Instant::now() < deadline,
+                "node {} did not start:\n{}",
+                self.id,
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for DataNode {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn cluster(dir: &Path) -> Vec<DataNode> {
+    let ports = common::free_ports("127.0.0.1", 12);
+    let port = |node: usize, k: usize| ports[node * 4 + k];
+    let peers: Vec<String> = (0..3)
+        .map(|i| format!("\"{}=127.0.0.1:{}\"", i + 1, port(i, 1)))
+        .collect();
+    (0..3)
+        .map(|i| {
+            let ndir = dir.join(format!("n{}", i + 1));
+            std::fs::create_dir_all(&ndir).unwrap();
+            std::fs::write(
+                ndir.join("node.toml"),
+                format!(
+                    "node_id = {}\nlisten = \"127.0.0.1\"\nnbd_port = {}\ngrpc_port = {}\n\
+                     iscsi_port = {}\ndata_port = {}\npeers = [{}]\nmetadata_shards = 2\n\
+                     cores = 1\npin_cores = false\ncache_size = \"32MiB\"\n\
+                     [[device]]\npath = \"dev0.img\"\nsize = \"2GiB\"\n\
+                     [[vdisk]]\nname = \"vd0\"\nsize = \"256MiB\"\n",
+                    i + 1,
+                    port(i, 0),
+                    port(i, 1),
+                    port(i, 2),
+                    port(i, 3),
+                    peers.join(", ")
+                ),
+            )
+            .unwrap();
+            DataNode {
+                id: i as u64 + 1,
+                nbd: port(i, 0),
+                dir: ndir,
+                child: None,
+            }
+        })
+        .collect()
+}
+
+/// Connects to whichever of `ports` serves vd0, trying for up to `limit`.
+fn connect_owner(ports: &[u16], limit: Duration) -> Option<(u16, Client)> {
+    let deadline = Instant::now() + limit;
+    loop {
+        for &p in ports {
+            if let Ok(c) = Client::connect_to(&format!("127.0.0.1:{p}"), "vd0") {
+                return Some((p, c));
+            }
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Per block: the last acknowledged tag, and tags sent since that were not acknowledged.
+type Record = Vec<(Option<u64>, Vec<u64>)>;
+
+struct Load {
+    stop: Arc<AtomicBool>,
+    acked: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    writers: Vec<std::thread::JoinHandle<()>>,
+}
+
+fn start_load(records: &[Arc<Mutex<Record>>], ports: &[u16], round: u64) -> Load {
+    let stop = Arc::new(AtomicBool::new(false));
+    let acked = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let writers = records
+        .iter()
+        .enumerate()
+        .map(|(w, rec)| {
+            let (rec, stop, acked, failed) =
+                (rec.clone(), stop.clone(), acked.clone(), failed.clone());
+            let ports = ports.to_vec();
+            std::thread::spawn(move || {
+                let mut client: Option<Client> = None;
+                let mut x = ((w as u64 + 1) * 0x2545_F491_4F6C_DD1D) ^ (round + 1);
+                let mut n = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    let mut c = match client.take() {
+                        Some(c) => c,
+                        None => match connect_owner(&ports, Duration::from_secs(1)) {
+                            Some((_, c)) => c,
+                            None => continue,
+                        },
+                    };
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let b = x % BLOCKS_PER_WRITER;
+                    n += 1;
+                    let tag = (round << 56) | ((w as u64) << 40) | n;
+                    rec.lock().unwrap()[b as usize].1.push(tag);
+                    let off = (w as u64 * BLOCKS_PER_WRITER + b) * 4096;
+                    match c.request(CMD_WRITE, off, 4096, Some(&block(tag))) {
+                        Ok(_) => {
+                            rec.lock().unwrap()[b as usize] = (Some(tag), Vec::new());
+                            acked.fetch_add(1, Ordering::SeqCst);
+                            client = Some(c);
+                        }
+                        Err(_) => {
+                            failed.fetch_add(1, Ordering::SeqCst);
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    Load {
+        stop,
+        acked,
+        failed,
+        writers,
+    }
+}
+
+impl Load {
+    /// Waits until `more` writes beyond `from` were acknowledged; returns when the first of
+    /// them was.
+    fn wait_progress(&self, from: u64, more: u64, limit: Duration) -> Duration {
+        let start = Instant::now();
+        let mut first = None;
+        while self.acked.load(Ordering::SeqCst) < from + more {
+            if first.is_none() && self.acked.load(Ordering::SeqCst) > from {
+                first = Some(start.elapsed());
+            }
+            assert!(
+                start.elapsed() < limit,
+                "no progress: {} of {more} writes acknowledged in {limit:?}",
+                self.acked.load(Ordering::SeqCst) - from
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        first.unwrap_or_default()
+    }
+
+    fn finish(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::SeqCst);
+        for w in self.writers {
+            w.join().unwrap();
+        }
+        (
+            self.acked.load(Ordering::SeqCst),
+            self.failed.load(Ordering::SeqCst),
+        )
+    }
+}
+
+/// Reads every written block from the owner and checks it against the records.
+fn verify(records: &[Arc<Mutex<Record>>], ports: &[u16]) -> usize {
+    let (port, mut c) = connect_owner(ports, Duration::from_secs(60)).expect("an owner of vd0");
+    let mut checked = 0;
+    for (w, rec) in records.iter().enumerate() {
+        for (b, (ack, pending)) in rec.lock().unwrap().iter().enumerate() {
+            if ack.is_none() && pending.is_empty() {
+                continue;
+            }
+            let off = (w as u64 * BLOCKS_PER_WRITER + b as u64) * 4096;
+            let got = c.request(CMD_READ, off, 4096, None).expect("read back");
+            let ok = ack.iter().chain(pending.iter()).any(|&t| got == block(t))
+                || (ack.is_none() && got.iter().all(|&x| x == 0));
+            assert!(
+                ok,
+                "block {b} of writer {w} (read from port {port}): acknowledged {ack:?}, \
+                 unacknowledged {pending:?}, read something else"
+            );
+            checked += 1;
+        }
+    }
+    checked
+}
+
+/// Which node serves vd0 (by NBD port), and its replicas, from its log's last line saying so.
+fn owner_and_replicas(nodes: &[DataNode], port: u16) -> (usize, Vec<u64>) {
+    let i = nodes.iter().position(|n| n.nbd == port).unwrap();
+    let log = nodes[i].log();
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("vdisk vd0 replicated to nodes ["))
+        .unwrap_or_else(|| panic!("node {} serves vd0 without replicas:\n{log}", nodes[i].id));
+    let list = &line[line.find('[').unwrap() + 1..line.find(']').unwrap()];
+    let replicas = list.split(',').map(|s| s.trim().parse().unwrap()).collect();
+    (i, replicas)
+}
+
+#[test]
+fn rf2_survives_the_loss_of_the_owner_and_of_a_replica() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(dir.path());
+    for n in nodes.iter_mut() {
+        n.start();
+    }
+    for n in &nodes {
+        n.wait_ready(1);
+    }
+    let ports: Vec<u16> = nodes.iter().map(|n| n.nbd).collect();
+    let (port, _) = connect_owner(&ports, Duration::from_secs(60)).expect("vd0 is served");
+    let (owner, replicas) = owner_and_replicas(&nodes, port);
+    assert_eq!(replicas.len(), 1, "RF2: one replica");
+    assert_ne!(replicas[0], nodes[owner].id);
+    println!(
+        "vd0 served by node {} with its replica on node {}",
+        nodes[owner].id, replicas[0]
+    );
+    let records: Vec<Arc<Mutex<Record>>> = (0..WRITERS)
+        .map(|_| {
+            Arc::new(Mutex::new(vec![
+                (None, Vec::new());
+                BLOCKS_PER_WRITER as usize
+            ]))
+        })
+        .collect();
+
+    let rounds: u64 = std::env::var("CAIRN_REPLICATION_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let mut runs = [1usize; 3];
+    for round in 0..rounds {
+        // 1. The owner dies mid-run.
+        let load = start_load(&records, &ports, round * 2);
+        load.wait_progress(0, 300, Duration::from_secs(60));
+        let (port, _) = connect_owner(&ports, Duration::from_secs(5)).unwrap();
+        let (owner, _) = owner_and_replicas(&nodes, port);
+        let before = load.acked.load(Ordering::SeqCst);
+        let killed = Instant::now();
+        nodes[owner].kill9();
+        let others: Vec<u16> = ports
+            .iter()
+            .copied()
+            .filter(|&p| p != nodes[owner].nbd)
+            .collect();
+        let (port, _) =
+            connect_owner(&others, Duration::from_secs(90)).expect("a replica takes vd0 over");
+        let failover = killed.elapsed();
+        load.wait_progress(before, 300, Duration::from_secs(90));
+        let (acked, failed) = load.finish();
+        let checked = verify(&records, &ports);
+        let (now, _) = owner_and_replicas(&nodes, port);
+        println!(
+            "round {round}: owner node {} killed; node {} serves vd0 {:.1} s later; {acked} \
+             writes acknowledged, {failed} failed or cut off; {checked} blocks read back correct",
+            nodes[owner].id,
+            nodes[now].id,
+            failover.as_secs_f64(),
+        );
+        assert_ne!(now, owner);
+        // The old owner comes back; it does not serve vd0 any more.
+        nodes[owner].start();
+        runs[owner] += 1;
+        nodes[owner].wait_ready(runs[owner]);
+        assert!(
+            Client::connect_to(&format!("127.0.0.1:{}", nodes[owner].nbd), "vd0").is_err(),
+            "the old owner serves vd0 again"
+        );
+
+        // 2. The replica (not the owner) dies mid-run: the owner replaces it.
+        let (owner, replicas) = owner_and_replicas(&nodes, port);
+        let victim = nodes.iter().position(|n| n.id == replicas[0]).unwrap();
+        let load = start_load(&records, &ports, round * 2 + 1);
+        load.wait_progress(0, 300, Duration::from_secs(60));
+        let before = load.acked.load(Ordering::SeqCst);
+        let killed = Instant::now();
+        nodes[victim].kill9();
+        let victim_id = nodes[victim].id;
+        let deadline = Instant::now() + Duration::from_secs(90);
+        while owner_and_replicas(&nodes, nodes[owner].nbd)
+            .1
+            .contains(&victim_id)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the dead replica was not replaced"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let replaced = killed.elapsed();
+        load.wait_progress(before, 300, Duration::from_secs(90));
+        let (acked, failed) = load.finish();
+        let checked = verify(&records, &ports);
+        let (port, _) = connect_owner(&ports, Duration::from_secs(5)).unwrap();
+        let (still, replicas) = owner_and_replicas(&nodes, port);
+        println!(
+            "round {round}: replica node {victim_id} killed; node {} still serves vd0, replica \
+             replaced by {replicas:?} {:.1} s later; {acked} writes acknowledged, {failed} \
+             failed; {checked} blocks read back correct",
+            nodes[still].id,
+            replaced.as_secs_f64()
+        );
+        assert_eq!(
+            still, owner,
+            "the owner keeps the vdisk when a replica dies"
+        );
+        assert!(!replicas.contains(&victim_id));
+        nodes[victim].start();
+        runs[victim] += 1;
+        nodes[victim].wait_ready(runs[victim]);
+    }
+}
