@@ -1,6 +1,8 @@
 //! Replication and failover on a real 3-node cluster: three `cairn node run` processes, vdisk
 //! `vd0` in an RF2 container, writers over NBD that record which writes were acknowledged.
 //!
+//! 0. bit rot: bytes of a block flipped in the owner's device file read back correct (from the
+//!    replica) and the owner's copy is rewritten;
 //! 1. kill -9 the owner mid-run: a replica takes the vdisk over, the writers reconnect to it,
 //!    and every acknowledged block reads back (a write cut off by the kill reads back as its
 //!    old or its new contents);
@@ -268,6 +270,60 @@ fn owner_and_replicas(nodes: &[DataNode], port: u16) -> (usize, Vec<u64>) {
     (i, replicas)
 }
 
+/// Writes a block outside the writers' regions, lets it drain, flips a byte of every copy of it
+/// in the owner's device file (the extent store's, and the oplog's if still there), and reads
+/// it back through the owner.
+fn bit_rot_is_repaired_from_the_replica(owner: &DataNode) {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let tag = 0xB17_u64;
+    let offset = 8192 * 4096; // beyond the writers' 4 x 4 MiB
+    let mut c = Client::connect(owner.nbd).unwrap();
+    c.request(CMD_WRITE, offset, 4096, Some(&block(tag)))
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3)); // drained into the extent store
+    let want = block(tag);
+    let path = owner.dir.join("data").join("dev0.img");
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    let mut flipped = Vec::new();
+    loop {
+        let n = f.read(&mut chunk).unwrap();
+        if n == 0 {
+            break;
+        }
+        for (i, page) in chunk[..n].chunks(4096).enumerate() {
+            if page == &want[..page.len()] && page.len() == 4096 {
+                flipped.push(at + i as u64 * 4096 + 100);
+            }
+        }
+        at += n as u64;
+    }
+    assert!(!flipped.is_empty(), "the block is not in {}", path.display());
+    for &p in &flipped {
+        f.seek(SeekFrom::Start(p)).unwrap();
+        f.write_all(&[want[100] ^ 0x55]).unwrap();
+    }
+    f.sync_all().unwrap();
+    let got = c.request(CMD_READ, offset, 4096, None).unwrap();
+    assert!(got == want, "bit rot was served to the host");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !owner.log().contains("read from a replica and rewritten") {
+        assert!(Instant::now() < deadline, "no repair in the log:\n{}", owner.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    println!(
+        "bit rot: {} copies of a block flipped on node {}'s device; read back correct, repaired \
+         from the replica",
+        flipped.len(),
+        owner.id
+    );
+}
+
 #[test]
 fn rf2_survives_the_loss_of_the_owner_and_of_a_replica() {
     let dir = tempfile::tempdir().unwrap();
@@ -287,6 +343,7 @@ fn rf2_survives_the_loss_of_the_owner_and_of_a_replica() {
         "vd0 served by node {} with its replica on node {}",
         nodes[owner].id, replicas[0]
     );
+    bit_rot_is_repaired_from_the_replica(&nodes[owner]);
     let records: Vec<Arc<Mutex<Record>>> = (0..WRITERS)
         .map(|_| {
             Arc::new(Mutex::new(vec![
