@@ -1104,7 +1104,17 @@ async fn run_core(
         .await;
     let serves_frontends = !stores.is_empty();
     let node_id = setup.cfg.node_id;
-    let transport = Rc::new(TcpTransport::new(node_id, TcpConfig::default()));
+    // Connections to other nodes leave from the address this node serves on.
+    let tcp = TcpConfig {
+        local_ip: setup
+            .cfg
+            .listen
+            .parse::<std::net::IpAddr>()
+            .ok()
+            .filter(|ip| !ip.is_unspecified()),
+        ..TcpConfig::default()
+    };
+    let transport = Rc::new(TcpTransport::new(node_id, tcp));
     // Core 0 keeps the replicas of other nodes' vdisks, on its first device.
     let host = (core == 0)
         .then(|| {
@@ -1160,7 +1170,7 @@ async fn run_core(
             })?;
         let stop = shutdown.clone();
         servers.push(glommio::spawn_local(async move {
-            dataplane::transport::tcp::serve(listener, node_id, host, TcpConfig::default(), stop)
+            dataplane::transport::tcp::serve(listener, node_id, host, tcp, stop)
                 .await
                 .map(|_| ())
                 .map_err(|e| e.to_string())

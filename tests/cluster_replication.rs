@@ -26,7 +26,8 @@ const WRITERS: u64 = 4;
 
 struct DataNode {
     id: u64,
-    nbd: u16,
+    /// host:port of its NBD server.
+    nbd: String,
     dir: PathBuf,
     child: Option<Child>,
 }
@@ -83,25 +84,29 @@ impl Drop for DataNode {
     }
 }
 
-fn cluster(dir: &Path) -> Vec<DataNode> {
-    let ports = common::free_ports("127.0.0.1", 12);
+/// Nodes 1..=ips.len(), node i on address ips[i - 1]; vd0 (256 MiB) is created by node 1 in
+/// the default container (RF2).
+fn cluster(dir: &Path, ips: &[&str]) -> Vec<DataNode> {
+    let n = ips.len();
+    let ports = common::free_ports("127.0.0.1", 4 * n);
     let port = |node: usize, k: usize| ports[node * 4 + k];
-    let peers: Vec<String> = (0..3)
-        .map(|i| format!("\"{}=127.0.0.1:{}\"", i + 1, port(i, 1)))
+    let peers: Vec<String> = (0..n)
+        .map(|i| format!("\"{}={}:{}\"", i + 1, ips[i], port(i, 1)))
         .collect();
-    (0..3)
+    (0..n)
         .map(|i| {
             let ndir = dir.join(format!("n{}", i + 1));
             std::fs::create_dir_all(&ndir).unwrap();
             std::fs::write(
                 ndir.join("node.toml"),
                 format!(
-                    "node_id = {}\nlisten = \"127.0.0.1\"\nnbd_port = {}\ngrpc_port = {}\n\
+                    "node_id = {}\nlisten = \"{}\"\nnbd_port = {}\ngrpc_port = {}\n\
                      iscsi_port = {}\ndata_port = {}\npeers = [{}]\nmetadata_shards = 2\n\
                      cores = 1\npin_cores = false\ncache_size = \"32MiB\"\n\
                      [[device]]\npath = \"dev0.img\"\nsize = \"2GiB\"\n\
                      [[vdisk]]\nname = \"vd0\"\nsize = \"256MiB\"\n",
                     i + 1,
+                    ips[i],
                     port(i, 0),
                     port(i, 1),
                     port(i, 2),
@@ -112,7 +117,7 @@ fn cluster(dir: &Path) -> Vec<DataNode> {
             .unwrap();
             DataNode {
                 id: i as u64 + 1,
-                nbd: port(i, 0),
+                nbd: format!("{}:{}", ips[i], port(i, 0)),
                 dir: ndir,
                 child: None,
             }
@@ -120,13 +125,13 @@ fn cluster(dir: &Path) -> Vec<DataNode> {
         .collect()
 }
 
-/// Connects to whichever of `ports` serves vd0, trying for up to `limit`.
-fn connect_owner(ports: &[u16], limit: Duration) -> Option<(u16, Client)> {
+/// Connects to whichever of `addrs` serves vd0, trying for up to `limit`.
+fn connect_owner(addrs: &[String], limit: Duration) -> Option<(String, Client)> {
     let deadline = Instant::now() + limit;
     loop {
-        for &p in ports {
-            if let Ok(c) = Client::connect_to(&format!("127.0.0.1:{p}"), "vd0") {
-                return Some((p, c));
+        for a in addrs {
+            if let Ok(c) = Client::connect_to(a, "vd0") {
+                return Some((a.clone(), c));
             }
         }
         if Instant::now() >= deadline {
@@ -146,7 +151,7 @@ struct Load {
     writers: Vec<std::thread::JoinHandle<()>>,
 }
 
-fn start_load(records: &[Arc<Mutex<Record>>], ports: &[u16], round: u64) -> Load {
+fn start_load(records: &[Arc<Mutex<Record>>], addrs: &[String], round: u64) -> Load {
     let stop = Arc::new(AtomicBool::new(false));
     let acked = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
@@ -156,7 +161,7 @@ fn start_load(records: &[Arc<Mutex<Record>>], ports: &[u16], round: u64) -> Load
         .map(|(w, rec)| {
             let (rec, stop, acked, failed) =
                 (rec.clone(), stop.clone(), acked.clone(), failed.clone());
-            let ports = ports.to_vec();
+            let addrs = addrs.to_vec();
             std::thread::spawn(move || {
                 let mut client: Option<Client> = None;
                 let mut x = ((w as u64 + 1) * 0x2545_F491_4F6C_DD1D) ^ (round + 1);
@@ -164,7 +169,7 @@ fn start_load(records: &[Arc<Mutex<Record>>], ports: &[u16], round: u64) -> Load
                 while !stop.load(Ordering::SeqCst) {
                     let mut c = match client.take() {
                         Some(c) => c,
-                        None => match connect_owner(&ports, Duration::from_secs(1)) {
+                        None => match connect_owner(&addrs, Duration::from_secs(1)) {
                             Some((_, c)) => c,
                             None => continue,
                         },
@@ -233,8 +238,8 @@ impl Load {
 }
 
 /// Reads every written block from the owner and checks it against the records.
-fn verify(records: &[Arc<Mutex<Record>>], ports: &[u16]) -> usize {
-    let (port, mut c) = connect_owner(ports, Duration::from_secs(60)).expect("an owner of vd0");
+fn verify(records: &[Arc<Mutex<Record>>], addrs: &[String]) -> usize {
+    let (addr, mut c) = connect_owner(addrs, Duration::from_secs(60)).expect("an owner of vd0");
     let mut checked = 0;
     for (w, rec) in records.iter().enumerate() {
         for (b, (ack, pending)) in rec.lock().unwrap().iter().enumerate() {
@@ -247,7 +252,7 @@ fn verify(records: &[Arc<Mutex<Record>>], ports: &[u16]) -> usize {
                 || (ack.is_none() && got.iter().all(|&x| x == 0));
             assert!(
                 ok,
-                "block {b} of writer {w} (read from port {port}): acknowledged {ack:?}, \
+                "block {b} of writer {w} (read from {addr}): acknowledged {ack:?}, \
                  unacknowledged {pending:?}, read something else"
             );
             checked += 1;
@@ -256,9 +261,9 @@ fn verify(records: &[Arc<Mutex<Record>>], ports: &[u16]) -> usize {
     checked
 }
 
-/// Which node serves vd0 (by NBD port), and its replicas, from its log's last line saying so.
-fn owner_and_replicas(nodes: &[DataNode], port: u16) -> (usize, Vec<u64>) {
-    let i = nodes.iter().position(|n| n.nbd == port).unwrap();
+/// Which node serves vd0 (by NBD address), and its replicas, from its log's last line saying so.
+fn owner_and_replicas(nodes: &[DataNode], addr: &str) -> (usize, Vec<u64>) {
+    let i = nodes.iter().position(|n| n.nbd == addr).unwrap();
     let log = nodes[i].log();
     let line = log
         .lines()
@@ -277,7 +282,7 @@ fn bit_rot_is_repaired_from_the_replica(owner: &DataNode) {
     use std::io::{Read, Seek, SeekFrom, Write};
     let tag = 0xB17_u64;
     let offset = 8192 * 4096; // beyond the writers' 4 x 4 MiB
-    let mut c = Client::connect(owner.nbd).unwrap();
+    let mut c = Client::connect_to(&owner.nbd, "vd0").unwrap();
     c.request(CMD_WRITE, offset, 4096, Some(&block(tag)))
         .unwrap();
     std::thread::sleep(Duration::from_secs(3)); // drained into the extent store
@@ -324,35 +329,49 @@ fn bit_rot_is_repaired_from_the_replica(owner: &DataNode) {
     );
 }
 
-#[test]
-fn rf2_survives_the_loss_of_the_owner_and_of_a_replica() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut nodes = cluster(dir.path());
-    for n in nodes.iter_mut() {
-        n.start();
-    }
-    for n in &nodes {
-        n.wait_ready(1);
-    }
-    let ports: Vec<u16> = nodes.iter().map(|n| n.nbd).collect();
-    let (port, _) = connect_owner(&ports, Duration::from_secs(60)).expect("vd0 is served");
-    let (owner, replicas) = owner_and_replicas(&nodes, port);
-    assert_eq!(replicas.len(), 1, "RF2: one replica");
-    assert_ne!(replicas[0], nodes[owner].id);
-    println!(
-        "vd0 served by node {} with its replica on node {}",
-        nodes[owner].id, replicas[0]
-    );
-    bit_rot_is_repaired_from_the_replica(&nodes[owner]);
-    let records: Vec<Arc<Mutex<Record>>> = (0..WRITERS)
+/// The cluster tests run one at a time (each is three node processes on two cores).
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn new_records() -> Vec<Arc<Mutex<Record>>> {
+    (0..WRITERS)
         .map(|_| {
             Arc::new(Mutex::new(vec![
                 (None, Vec::new());
                 BLOCKS_PER_WRITER as usize
             ]))
         })
-        .collect();
+        .collect()
+}
 
+/// Starts the cluster and waits until vd0 is served with its replica; returns the owner.
+fn start_cluster(nodes: &mut [DataNode]) -> usize {
+    for n in nodes.iter_mut() {
+        n.start();
+    }
+    for n in nodes.iter() {
+        n.wait_ready(1);
+    }
+    let addrs: Vec<String> = nodes.iter().map(|n| n.nbd.clone()).collect();
+    let (addr, _) = connect_owner(&addrs, Duration::from_secs(60)).expect("vd0 is served");
+    let (owner, replicas) = owner_and_replicas(nodes, &addr);
+    assert_eq!(replicas.len(), 1, "RF2: one replica");
+    assert_ne!(replicas[0], nodes[owner].id);
+    println!(
+        "vd0 served by node {} with its replica on node {}",
+        nodes[owner].id, replicas[0]
+    );
+    owner
+}
+
+#[test]
+fn rf2_survives_the_loss_of_the_owner_and_of_a_replica() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(dir.path(), &["127.0.0.1"; 3]);
+    let owner = start_cluster(&mut nodes);
+    let addrs: Vec<String> = nodes.iter().map(|n| n.nbd.clone()).collect();
+    bit_rot_is_repaired_from_the_replica(&nodes[owner]);
+    let records = new_records();
     let rounds: u64 = std::env::var("CAIRN_REPLICATION_ROUNDS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -360,25 +379,25 @@ fn rf2_survives_the_loss_of_the_owner_and_of_a_replica() {
     let mut runs = [1usize; 3];
     for round in 0..rounds {
         // 1. The owner dies mid-run.
-        let load = start_load(&records, &ports, round * 2);
+        let load = start_load(&records, &addrs, round * 2);
         load.wait_progress(0, 300, Duration::from_secs(60));
-        let (port, _) = connect_owner(&ports, Duration::from_secs(5)).unwrap();
-        let (owner, _) = owner_and_replicas(&nodes, port);
+        let (addr, _) = connect_owner(&addrs, Duration::from_secs(5)).unwrap();
+        let (owner, _) = owner_and_replicas(&nodes, &addr);
         let before = load.acked.load(Ordering::SeqCst);
         let killed = Instant::now();
         nodes[owner].kill9();
-        let others: Vec<u16> = ports
+        let others: Vec<String> = addrs
             .iter()
-            .copied()
-            .filter(|&p| p != nodes[owner].nbd)
+            .filter(|a| **a != nodes[owner].nbd)
+            .cloned()
             .collect();
-        let (port, _) =
+        let (addr, _) =
             connect_owner(&others, Duration::from_secs(90)).expect("a replica takes vd0 over");
         let failover = killed.elapsed();
         load.wait_progress(before, 300, Duration::from_secs(90));
         let (acked, failed) = load.finish();
-        let checked = verify(&records, &ports);
-        let (now, _) = owner_and_replicas(&nodes, port);
+        let checked = verify(&records, &addrs);
+        let (now, _) = owner_and_replicas(&nodes, &addr);
         println!(
             "round {round}: owner node {} killed; node {} serves vd0 {:.1} s later; {acked} \
              writes acknowledged, {failed} failed or cut off; {checked} blocks read back correct",
@@ -392,36 +411,34 @@ fn rf2_survives_the_loss_of_the_owner_and_of_a_replica() {
         runs[owner] += 1;
         nodes[owner].wait_ready(runs[owner]);
         assert!(
-            Client::connect_to(&format!("127.0.0.1:{}", nodes[owner].nbd), "vd0").is_err(),
+            Client::connect_to(&nodes[owner].nbd, "vd0").is_err(),
             "the old owner serves vd0 again"
         );
 
         // 2. The replica (not the owner) dies mid-run: the owner replaces it.
-        let (owner, replicas) = owner_and_replicas(&nodes, port);
+        let owner = now;
+        let (_, replicas) = owner_and_replicas(&nodes, &nodes[owner].nbd);
         let victim = nodes.iter().position(|n| n.id == replicas[0]).unwrap();
-        let load = start_load(&records, &ports, round * 2 + 1);
+        let load = start_load(&records, &addrs, round * 2 + 1);
         load.wait_progress(0, 300, Duration::from_secs(60));
         let before = load.acked.load(Ordering::SeqCst);
         let killed = Instant::now();
         nodes[victim].kill9();
         let victim_id = nodes[victim].id;
         let deadline = Instant::now() + Duration::from_secs(90);
-        while owner_and_replicas(&nodes, nodes[owner].nbd)
+        while owner_and_replicas(&nodes, &nodes[owner].nbd)
             .1
             .contains(&victim_id)
         {
-            assert!(
-                Instant::now() < deadline,
-                "the dead replica was not replaced"
-            );
+            assert!(Instant::now() < deadline, "the dead replica was not replaced");
             std::thread::sleep(Duration::from_millis(50));
         }
         let replaced = killed.elapsed();
         load.wait_progress(before, 300, Duration::from_secs(90));
         let (acked, failed) = load.finish();
-        let checked = verify(&records, &ports);
-        let (port, _) = connect_owner(&ports, Duration::from_secs(5)).unwrap();
-        let (still, replicas) = owner_and_replicas(&nodes, port);
+        let checked = verify(&records, &addrs);
+        let (addr, _) = connect_owner(&addrs, Duration::from_secs(5)).unwrap();
+        let (still, replicas) = owner_and_replicas(&nodes, &addr);
         println!(
             "round {round}: replica node {victim_id} killed; node {} still serves vd0, replica \
              replaced by {replicas:?} {:.1} s later; {acked} writes acknowledged, {failed} \
@@ -429,13 +446,60 @@ fn rf2_survives_the_loss_of_the_owner_and_of_a_replica() {
             nodes[still].id,
             replaced.as_secs_f64()
         );
-        assert_eq!(
-            still, owner,
-            "the owner keeps the vdisk when a replica dies"
-        );
+        assert_eq!(still, owner, "the owner keeps the vdisk when a replica dies");
         assert!(!replicas.contains(&victim_id));
         nodes[victim].start();
         runs[victim] += 1;
         nodes[victim].wait_ready(runs[victim]);
     }
+}
+
+/// The owner is cut off from the other two nodes (iptables on their addresses; hosts still
+/// reach it) in the middle of writes: it can acknowledge nothing more, a replica on the
+/// majority side takes vd0 over and serves it, and every acknowledged block reads back there.
+/// After healing, the old owner does not serve vd0 again.
+#[test]
+fn a_partitioned_owner_is_fenced_and_the_majority_serves() {
+    if !common::iptables_usable("the replication partition test") {
+        return;
+    }
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let ips = ["127.0.0.61", "127.0.0.62", "127.0.0.63"];
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = cluster(dir.path(), &ips);
+    let owner = start_cluster(&mut nodes);
+    let addrs: Vec<String> = nodes.iter().map(|n| n.nbd.clone()).collect();
+    let records = new_records();
+    let load = start_load(&records, &addrs, 7);
+    load.wait_progress(0, 300, Duration::from_secs(60));
+    let others: Vec<&str> = (0..3).filter(|&i| i != owner).map(|i| ips[i]).collect();
+    let cut_at = Instant::now();
+    let cut = common::Partition::cut(ips[owner], &others);
+    let before = load.acked.load(Ordering::SeqCst);
+    let majority: Vec<String> = addrs
+        .iter()
+        .filter(|a| **a != nodes[owner].nbd)
+        .cloned()
+        .collect();
+    let (addr, _) =
+        connect_owner(&majority, Duration::from_secs(90)).expect("the majority serves vd0");
+    let failover = cut_at.elapsed();
+    load.wait_progress(before, 300, Duration::from_secs(90));
+    let (acked, failed) = load.finish();
+    let checked = verify(&records, &majority);
+    let (now, _) = owner_and_replicas(&nodes, &addr);
+    println!(
+        "owner node {} partitioned; node {} serves vd0 {:.1} s later; {acked} writes \
+         acknowledged, {failed} failed; {checked} blocks read back correct on the majority side",
+        nodes[owner].id,
+        nodes[now].id,
+        failover.as_secs_f64()
+    );
+    cut.heal();
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        Client::connect_to(&nodes[owner].nbd, "vd0").is_err(),
+        "the fenced owner serves vd0 after healing"
+    );
+    assert_eq!(verify(&records, &addrs), checked);
 }

@@ -67,6 +67,10 @@ pub struct TcpConfig {
     pub backoff_min: Duration,
     /// Longest pause between connection attempts.
     pub backoff_max: Duration,
+    /// Source address of outgoing connections (`None`: the kernel's choice). A node sets the
+    /// address it serves on, so traffic between nodes is told apart (and filtered, or
+    /// partitioned) by address even when several nodes share a host.
+    pub local_ip: Option<std::net::IpAddr>,
 }
 
 impl Default for TcpConfig {
@@ -78,6 +82,7 @@ impl Default for TcpConfig {
             max_payload_bytes: 16 << 20,
             backoff_min: Duration::from_millis(10),
             backoff_max: Duration::from_secs(1),
+            local_ip: None,
         }
     }
 }
@@ -482,9 +487,13 @@ impl Client {
             peer: peer.id,
             source: Arc::new(e),
         };
-        let stream = TcpStream::connect_timeout(peer.addr.get(), self.config.connect_timeout)
-            .await
-            .map_err(|e| unreachable(e.into()))?;
+        let (to, limit) = (peer.addr.get(), self.config.connect_timeout);
+        let stream = match self.config.local_ip {
+            None => TcpStream::connect_timeout(to, limit)
+                .await
+                .map_err(|e| unreachable(e.into()))?,
+            Some(ip) => connect_from(ip, to, limit).await.map_err(unreachable)?,
+        };
         stream
             .set_nodelay(true)
             .map_err(|e| unreachable(e.into()))?;
@@ -703,6 +712,28 @@ pub enum ServeError {
         /// The error.
         source: io::Error,
     },
+}
+
+/// Connects to `to` from address `ip` (any port) within `limit`. glommio connects only from the
+/// kernel's choice of address, so the socket is bound and connected in a blocking helper
+/// thread (socket2), then handed to glommio like one of its own (blocking mode, as glommio
+/// makes them).
+async fn connect_from(ip: std::net::IpAddr, to: SocketAddr, limit: Duration) -> io::Result<TcpStream> {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    let fd = glommio::executor()
+        .spawn_blocking(move || -> io::Result<std::os::fd::RawFd> {
+            let s = socket2::Socket::new(
+                socket2::Domain::for_address(to),
+                socket2::Type::STREAM,
+                Some(socket2::Protocol::TCP),
+            )?;
+            s.bind(&SocketAddr::new(ip, 0).into())?;
+            s.connect_timeout(&to.into(), limit)?;
+            Ok(s.into_raw_fd())
+        })
+        .await?;
+    // SAFETY: `fd` is a connected TCP socket released by its only owner just above.
+    Ok(unsafe { TcpStream::from_raw_fd(fd) })
 }
 
 /// Answers requests to node `node` arriving on `listener` with `handler` until `shutdown` is
