@@ -13,6 +13,7 @@
 //! # rack = "r1"
 //! # join = false              # true: wait for `cairn node add` instead of forming a cluster
 //! metadata_shards = 4         # same on every node
+//! fault_tolerance = 1         # 2: raft groups of 5 voters (needs 5 founders), survives 2 losses
 //! cores = 0                   # data-plane executors; 0 = one per online CPU
 //! pin_cores = true            # pin executor i to CPU i (false: several nodes on one machine)
 //! cache_size = "256MiB"       # unified read cache of the node (split between its cores)
@@ -187,6 +188,9 @@ pub struct NodeConfig {
     /// Metadata shards of the cluster (the same on every node).
     #[serde(default = "default_shards")]
     pub metadata_shards: u32,
+    /// Fault tolerance of the cluster this node forms: 1 (raft groups of 3 voters) or 2 (5).
+    #[serde(default = "default_fault_tolerance")]
+    pub fault_tolerance: u32,
     /// Data-plane executors (0: one per online CPU).
     #[serde(default)]
     pub cores: usize,
@@ -218,6 +222,9 @@ fn default_grpc_port() -> u16 {
 }
 fn default_data_port() -> u16 {
     DEFAULT_DATA_PORT
+}
+fn default_fault_tolerance() -> u32 {
+    1
 }
 fn default_shards() -> u32 {
     controlplane::server::DEFAULT_METADATA_SHARDS
@@ -265,6 +272,7 @@ impl NodeConfig {
             rack: String::new(),
             join: false,
             metadata_shards: default_shards(),
+            fault_tolerance: default_fault_tolerance(),
             cores: 0,
             pin_cores: true,
             cache_size: default_cache(),
@@ -314,7 +322,19 @@ impl NodeConfig {
                 controlplane::server::MAX_METADATA_SHARDS
             );
         }
-        self.founders()?;
+        let founders = self.founders()?;
+        if !(1..=2).contains(&self.fault_tolerance) {
+            bail!(
+                "key `fault_tolerance`: {} is not 1 or 2",
+                self.fault_tolerance
+            );
+        }
+        if self.fault_tolerance == 2 && !founders.is_empty() && founders.len() < 5 {
+            bail!(
+                "key `fault_tolerance`: 2 needs at least 5 founding `peers`, not {}",
+                founders.len()
+            );
+        }
         if self.join && !self.peers.is_empty() {
             bail!("key `join`: a joining node has no founding `peers`");
         }

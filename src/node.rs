@@ -435,7 +435,7 @@ async fn bootstrap(cfg: &NodeConfig, control: SocketAddr, founders: usize) -> Re
     let req = pb::CreateClusterRequest {
         name: DEFAULT_CLUSTER_NAME.to_string(),
         nodes: Vec::new(),
-        fault_tolerance: 1,
+        fault_tolerance: cfg.fault_tolerance,
     };
     match eps
         .call(|ch| {

@@ -28,6 +28,8 @@ struct DataNode {
     id: u64,
     /// host:port of its NBD server.
     nbd: String,
+    /// host:port of its control plane.
+    grpc: String,
     dir: PathBuf,
     child: Option<Child>,
 }
@@ -87,6 +89,13 @@ impl Drop for DataNode {
 /// Nodes 1..=ips.len(), node i on address ips[i - 1]; vd0 (256 MiB) is created by node 1 in
 /// the default container (RF2).
 fn cluster(dir: &Path, ips: &[&str]) -> Vec<DataNode> {
+    let vd0 = "[[vdisk]]\nname = \"vd0\"\nsize = \"256MiB\"\n";
+    cluster_with(dir, ips, "", vd0)
+}
+
+/// The nodes of [`cluster`], with `keys` among the top-level keys of each node's configuration
+/// and `tables` at its end.
+fn cluster_with(dir: &Path, ips: &[&str], keys: &str, tables: &str) -> Vec<DataNode> {
     let n = ips.len();
     let ports = common::free_ports("127.0.0.1", 4 * n);
     let port = |node: usize, k: usize| ports[node * 4 + k];
@@ -102,9 +111,8 @@ fn cluster(dir: &Path, ips: &[&str]) -> Vec<DataNode> {
                 format!(
                     "node_id = {}\nlisten = \"{}\"\nnbd_port = {}\ngrpc_port = {}\n\
                      iscsi_port = {}\ndata_port = {}\npeers = [{}]\nmetadata_shards = 2\n\
-                     cores = 1\npin_cores = false\ncache_size = \"32MiB\"\n\
-                     [[device]]\npath = \"dev0.img\"\nsize = \"2GiB\"\n\
-                     [[vdisk]]\nname = \"vd0\"\nsize = \"256MiB\"\n",
+                     cores = 1\npin_cores = false\ncache_size = \"32MiB\"\n{keys}\
+                     [[device]]\npath = \"dev0.img\"\nsize = \"2GiB\"\n{tables}",
                     i + 1,
                     ips[i],
                     port(i, 0),
@@ -118,6 +126,7 @@ fn cluster(dir: &Path, ips: &[&str]) -> Vec<DataNode> {
             DataNode {
                 id: i as u64 + 1,
                 nbd: format!("{}:{}", ips[i], port(i, 0)),
+                grpc: format!("{}:{}", ips[i], port(i, 1)),
                 dir: ndir,
                 child: None,
             }
@@ -308,7 +317,11 @@ fn bit_rot_is_repaired_from_the_replica(owner: &DataNode) {
         }
         at += n as u64;
     }
-    assert!(!flipped.is_empty(), "the block is not in {}", path.display());
+    assert!(
+        !flipped.is_empty(),
+        "the block is not in {}",
+        path.display()
+    );
     for &p in &flipped {
         f.seek(SeekFrom::Start(p)).unwrap();
         f.write_all(&[want[100] ^ 0x55]).unwrap();
@@ -318,7 +331,11 @@ fn bit_rot_is_repaired_from_the_replica(owner: &DataNode) {
     assert!(got == want, "bit rot was served to the host");
     let deadline = Instant::now() + Duration::from_secs(10);
     while !owner.log().contains("read from a replica and rewritten") {
-        assert!(Instant::now() < deadline, "no repair in the log:\n{}", owner.log());
+        assert!(
+            Instant::now() < deadline,
+            "no repair in the log:\n{}",
+            owner.log()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     println!(
@@ -351,14 +368,19 @@ fn start_cluster(nodes: &mut [DataNode]) -> usize {
     for n in nodes.iter() {
         n.wait_ready(1);
     }
+    wait_served(nodes, 2)
+}
+
+/// Waits until vd0 is served with `rf - 1` replicas on other nodes; returns the owner.
+fn wait_served(nodes: &[DataNode], rf: usize) -> usize {
     let addrs: Vec<String> = nodes.iter().map(|n| n.nbd.clone()).collect();
     let (addr, _) = connect_owner(&addrs, Duration::from_secs(60)).expect("vd0 is served");
     let (owner, replicas) = owner_and_replicas(nodes, &addr);
-    assert_eq!(replicas.len(), 1, "RF2: one replica");
-    assert_ne!(replicas[0], nodes[owner].id);
+    assert_eq!(replicas.len(), rf - 1, "RF{rf}: {} replicas", rf - 1);
+    assert!(!replicas.contains(&nodes[owner].id));
     println!(
-        "vd0 served by node {} with its replica on node {}",
-        nodes[owner].id, replicas[0]
+        "vd0 served by node {} with replicas on nodes {replicas:?}",
+        nodes[owner].id
     );
     owner
 }
@@ -430,7 +452,10 @@ fn rf2_survives_the_loss_of_the_owner_and_of_a_replica() {
             .1
             .contains(&victim_id)
         {
-            assert!(Instant::now() < deadline, "the dead replica was not replaced");
+            assert!(
+                Instant::now() < deadline,
+                "the dead replica was not replaced"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         let replaced = killed.elapsed();
@@ -446,7 +471,10 @@ fn rf2_survives_the_loss_of_the_owner_and_of_a_replica() {
             nodes[still].id,
             replaced.as_secs_f64()
         );
-        assert_eq!(still, owner, "the owner keeps the vdisk when a replica dies");
+        assert_eq!(
+            still, owner,
+            "the owner keeps the vdisk when a replica dies"
+        );
         assert!(!replicas.contains(&victim_id));
         nodes[victim].start();
         runs[victim] += 1;
@@ -502,4 +530,65 @@ fn a_partitioned_owner_is_fenced_and_the_majority_serves() {
         "the fenced owner serves vd0 after healing"
     );
     assert_eq!(verify(&records, &addrs), checked);
+}
+
+/// RF3 on a 5-node cluster of fault tolerance 2: the owner and one replica are killed at once
+/// mid-run; the remaining replica takes vd0 over, makes two new replicas, and every
+/// acknowledged block reads back.
+#[test]
+fn rf3_survives_the_loss_of_two_nodes() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = cluster_with(dir.path(), &["127.0.0.1"; 5], "fault_tolerance = 2\n", "");
+    for n in nodes.iter_mut() {
+        n.start();
+    }
+    for n in &nodes {
+        n.wait_ready(1);
+    }
+    let ep = nodes[0].grpc.clone();
+    common::ok(&ep, &["container", "create", "triple", "--rf", "3"]);
+    common::ok(
+        &ep,
+        &[
+            "vdisk",
+            "create",
+            "vd0",
+            "--container",
+            "triple",
+            "--size",
+            "256MiB",
+        ],
+    );
+    let owner = wait_served(&nodes, 3);
+    let (_, replicas) = owner_and_replicas(&nodes, &nodes[owner].nbd);
+    let addrs: Vec<String> = nodes.iter().map(|n| n.nbd.clone()).collect();
+    let records = new_records();
+    let load = start_load(&records, &addrs, 9);
+    load.wait_progress(0, 300, Duration::from_secs(60));
+    let before = load.acked.load(Ordering::SeqCst);
+    let second = nodes.iter().position(|n| n.id == replicas[0]).unwrap();
+    let killed = Instant::now();
+    nodes[owner].kill9();
+    nodes[second].kill9();
+    let survivor = nodes.iter().position(|n| n.id == replicas[1]).unwrap();
+    let (addr, _) = connect_owner(&addrs, Duration::from_secs(120))
+        .expect("the surviving replica takes vd0 over");
+    let failover = killed.elapsed();
+    load.wait_progress(before, 300, Duration::from_secs(90));
+    let (acked, failed) = load.finish();
+    let checked = verify(&records, &addrs);
+    let (now, replicas) = owner_and_replicas(&nodes, &addr);
+    println!(
+        "RF3: nodes {} (owner) and {} killed; node {} serves vd0 {:.1} s later with replicas \
+         {replicas:?}; {acked} writes acknowledged, {failed} failed; {checked} blocks read back \
+         correct",
+        nodes[owner].id,
+        nodes[second].id,
+        nodes[now].id,
+        failover.as_secs_f64()
+    );
+    assert_eq!(now, survivor, "the surviving replica serves vd0");
+    assert_eq!(replicas.len(), 2);
+    assert!(!replicas.contains(&nodes[owner].id) && !replicas.contains(&nodes[second].id));
 }

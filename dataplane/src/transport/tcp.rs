@@ -718,7 +718,11 @@ pub enum ServeError {
 /// kernel's choice of address, so the socket is bound and connected in a blocking helper
 /// thread (socket2), then handed to glommio like one of its own (blocking mode, as glommio
 /// makes them).
-async fn connect_from(ip: std::net::IpAddr, to: SocketAddr, limit: Duration) -> io::Result<TcpStream> {
+async fn connect_from(
+    ip: std::net::IpAddr,
+    to: SocketAddr,
+    limit: Duration,
+) -> io::Result<TcpStream> {
     use std::os::fd::{FromRawFd, IntoRawFd};
     let fd = glommio::executor()
         .spawn_blocking(move || -> io::Result<std::os::fd::RawFd> {
