@@ -845,6 +845,8 @@ impl CoreVdisks {
     async fn close(&self, id: u64) -> Option<Rc<Disk>> {
         let vd = self.exports.local.borrow_mut().remove(&id)?;
         vd.stop();
+        // Writers still waiting on it (for a commit or for oplog space) fail now.
+        vd.oplog().close();
         let drain = self.drains.borrow_mut().remove(&id);
         if let Some(drain) = drain {
             drain.await;

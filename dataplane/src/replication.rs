@@ -398,6 +398,8 @@ pub struct ReplicaSet<T: Transport> {
     peers: Vec<NodeId>,
     /// Set when a replica refused the epoch: this node no longer owns the vdisk.
     fenced: std::cell::Cell<bool>,
+    /// How long an unreachable replica is retried.
+    retry_for: Duration,
 }
 
 /// Why a change could not reach every replica.
@@ -428,14 +430,28 @@ pub enum ReplicaError {
 }
 
 impl<T: Transport + 'static> ReplicaSet<T> {
-    /// The replicas `peers` of `vdisk`, owned by this node at `epoch`.
+    /// The replicas `peers` of `vdisk`, owned by this node at `epoch`; an unreachable replica
+    /// is retried for [`PEER_RETRY_FOR`].
     pub fn new(transport: Rc<T>, vdisk: u64, epoch: u64, peers: Vec<NodeId>) -> Rc<Self> {
+        Self::with_retry(transport, vdisk, epoch, peers, PEER_RETRY_FOR)
+    }
+
+    /// [`ReplicaSet::new`] with another retry time (zero: a change fails at the first timeout
+    /// or unreachable replica; the deterministic simulation, which has no real time, uses it).
+    pub fn with_retry(
+        transport: Rc<T>,
+        vdisk: u64,
+        epoch: u64,
+        peers: Vec<NodeId>,
+        retry_for: Duration,
+    ) -> Rc<Self> {
         Rc::new(Self {
             transport,
             vdisk,
             epoch,
             peers,
             fenced: std::cell::Cell::new(false),
+            retry_for,
         })
     }
 
@@ -453,7 +469,7 @@ impl<T: Transport + 'static> ReplicaSet<T> {
     /// [`PEER_RETRY_FOR`]).
     pub async fn send_to(&self, peer: NodeId, change: &ReplicaOp) -> Result<Vec<u8>, ReplicaError> {
         let request = change.to_message(self.vdisk, self.epoch);
-        let deadline = std::time::Instant::now() + PEER_RETRY_FOR;
+        let deadline = std::time::Instant::now() + self.retry_for;
         let fail = |why: String| ReplicaError::Peer {
             vdisk: self.vdisk,
             peer,
@@ -555,6 +571,8 @@ pub struct ReplicaHost<D: BlockDevice, M: MetadataStore> {
     vdisks: RefCell<HashMap<u64, Replica<D>>>,
     /// Requests being applied, per vdisk (a takeover waits for them).
     in_flight: RefCell<HashMap<u64, usize>>,
+    /// Signalled whenever a request finishes.
+    finished: event_listener::Event,
     /// Serializes the (rare) refreshes of ownership records and oplog opens.
     lock: async_lock::Mutex<()>,
 }
@@ -569,6 +587,7 @@ impl<D: BlockDevice + 'static, M: MetadataStore + 'static> ReplicaHost<D, M> {
             oplog_cap_bytes,
             vdisks: RefCell::new(HashMap::new()),
             in_flight: RefCell::new(HashMap::new()),
+            finished: event_listener::Event::new(),
             lock: async_lock::Mutex::new(()),
         }
     }
@@ -594,8 +613,17 @@ impl<D: BlockDevice + 'static, M: MetadataStore + 'static> ReplicaHost<D, M> {
         if let Some(o) = old.and_then(|r| r.oplog) {
             o.close();
         }
-        while self.in_flight.borrow().get(&vdisk).is_some_and(|&n| n > 0) {
-            glommio::timer::sleep(Duration::from_millis(5)).await;
+        self.wait_in_flight(vdisk, 0).await;
+    }
+
+    /// Waits until at most `n` requests for `vdisk` are being applied.
+    async fn wait_in_flight(&self, vdisk: u64, n: usize) {
+        loop {
+            let listener = self.finished.listen();
+            if self.in_flight.borrow().get(&vdisk).is_none_or(|&k| k <= n) {
+                return;
+            }
+            listener.await;
         }
     }
 
@@ -701,6 +729,10 @@ impl<D: BlockDevice + 'static, M: MetadataStore + 'static> ReplicaHost<D, M> {
         let store_err = |e: StoreError| e.to_string();
         match change {
             ReplicaOp::Reset => {
+                // A new stream starts (at a new epoch: requests of the old one are refused from
+                // now on); requests of the old one still being applied finish first, so none
+                // lands on top of the copy that follows.
+                self.wait_in_flight(vdisk, 1).await;
                 if let Some(r) = self.vdisks.borrow_mut().get_mut(&vdisk) {
                     r.oplog = None;
                 }
@@ -798,6 +830,7 @@ impl<D: BlockDevice + 'static, M: MetadataStore + 'static> Handler for ReplicaHo
         if let Some(n) = self.in_flight.borrow_mut().get_mut(&request.vdisk) {
             *n -= 1;
         }
+        self.finished.notify(usize::MAX);
         match result {
             Ok(data) => Message {
                 payload: data,

@@ -532,6 +532,9 @@ impl<D: BlockDevice> Oplog<D> {
             if self.held_bytes.get() < self.cap_bytes {
                 break;
             }
+            if self.state.borrow().failed {
+                return Err(OplogError::Failed { vdisk: self.vdisk });
+            }
             listener.await;
         }
         let mut done = 0u32;
@@ -638,8 +641,7 @@ impl<D: BlockDevice> Oplog<D> {
     async fn commit_filling(&self) -> Result<(), OplogError> {
         let r = self.commit_inner().await;
         if r.is_err() {
-            self.state.borrow_mut().failed = true;
-            self.committed.notify(usize::MAX);
+            self.close();
         }
         r
     }
@@ -846,7 +848,7 @@ impl<D: BlockDevice> Oplog<D> {
         let (egid, first) = match stored.await {
             Ok(placed) => placed,
             Err(e) => {
-                self.state.borrow_mut().failed = true;
+                self.close();
                 return Err(e);
             }
         };
@@ -894,6 +896,9 @@ impl<D: BlockDevice> Oplog<D> {
                         continue;
                     }
                     let listener = self.drained.listen();
+                    if self.state.borrow().failed {
+                        return Err(OplogError::Failed { vdisk: self.vdisk });
+                    }
                     listener.await;
                 }
                 Err(source) => {
@@ -994,10 +999,12 @@ impl<D: BlockDevice> Oplog<D> {
         Ok(batches.len())
     }
 
-    /// Takes the oplog offline: every later append fails (a replica whose vdisk is taken over).
+    /// Takes the oplog offline (after a failure, or when its vdisk stops being served here):
+    /// every later append fails, and so do writers waiting for a commit or for space.
     pub fn close(&self) {
         self.state.borrow_mut().failed = true;
         self.committed.notify(usize::MAX);
+        self.drained.notify(usize::MAX);
     }
 
     /// Whether the oplog has failed.
