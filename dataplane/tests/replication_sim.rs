@@ -145,6 +145,23 @@ async fn open_owner(
     Ok((vd, set))
 }
 
+/// [`open_owner`] until it succeeds (a lost message fails the copy); counts the attempts that
+/// failed in `reopens`.
+async fn open_owner_until(
+    net: &Net,
+    meta: &Rc<MemMetadataStore>,
+    node: &Node,
+    peer: u64,
+    reopens: &mut u32,
+) -> (Rc<Disk>, Rc<ReplicaSet<Sim>>) {
+    loop {
+        match open_owner(net, meta, node, peer).await {
+            Ok(o) => return o,
+            Err(_) => *reopens += 1,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Fault {
     Crash,
@@ -218,12 +235,7 @@ async fn run(seed: u64) -> Outcome {
     };
     put_record(&meta, &claim, Expect::Absent).await.unwrap();
     let mut reopens = 0u32;
-    let mut owner = loop {
-        match open_owner(&net, &meta, &nodes[0], 2).await {
-            Ok(o) => break o,
-            Err(_) => reopens += 1, // a lost message during the copy: again
-        }
-    };
+    let mut owner = open_owner_until(&net, &meta, &nodes[0], 2, &mut reopens).await;
 
     // Writers and a drain, on whatever vdisk `serving` holds.
     let model: Model = Rc::new(RefCell::new(vec![(None, Vec::new()); BLOCKS as usize]));
@@ -293,15 +305,7 @@ async fn run(seed: u64) -> Outcome {
         if owner.0.oplog().is_failed() {
             *serving.borrow_mut() = None;
             owner.0.stop();
-            loop {
-                match open_owner(&net, &meta, &nodes[0], 2).await {
-                    Ok(o) => {
-                        owner = o;
-                        break;
-                    }
-                    Err(_) => reopens += 1,
-                }
-            }
+            owner = open_owner_until(&net, &meta, &nodes[0], 2, &mut reopens).await;
             reopens += 1;
             *serving.borrow_mut() = Some(owner.0.clone());
         }
@@ -342,12 +346,7 @@ async fn run(seed: u64) -> Outcome {
     .await;
     // The old owner never gets a write acknowledged again.
     let old = owner.0.clone();
-    let mut taken = loop {
-        match open_owner(&net, &meta, &nodes[1], 3).await {
-            Ok(o) => break o,
-            Err(_) => reopens += 1,
-        }
-    };
+    let mut taken = open_owner_until(&net, &meta, &nodes[1], 3, &mut reopens).await;
     if fault == Fault::Partition {
         let o = old.clone();
         let tried = pumped("old write", &net, async move {
@@ -381,12 +380,7 @@ async fn run(seed: u64) -> Outcome {
         if taken.0.oplog().is_failed() {
             *serving.borrow_mut() = None;
             taken.0.stop();
-            taken = loop {
-                match open_owner(&net, &meta, &nodes[1], 3).await {
-                    Ok(o) => break o,
-                    Err(_) => reopens += 1,
-                }
-            };
+            taken = open_owner_until(&net, &meta, &nodes[1], 3, &mut reopens).await;
             reopens += 1;
             *serving.borrow_mut() = Some(taken.0.clone());
         }
