@@ -251,9 +251,32 @@ const DEVICE_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 /// Name of the cluster a founder creates.
 const DEFAULT_CLUSTER_NAME: &str = "cairn";
 
+/// Refuses to start when another process listens on one of the data-plane ports. The cores
+/// bind them with `SO_REUSEPORT` (every core accepts NBD and iSCSI connections), which the
+/// kernel would also grant a second process started with the same ports: it would silently get
+/// a share of the hosts' connections, or of the replication traffic. A plain bind (no
+/// `SO_REUSEPORT`) fails while any other socket listens there.
+fn check_ports_free(cfg: &NodeConfig) -> Result<()> {
+    for (what, port) in [
+        ("NBD", cfg.nbd_port),
+        ("iSCSI", cfg.iscsi_port),
+        ("data", cfg.data_port),
+    ] {
+        if let Err(e) = std::net::TcpListener::bind((cfg.listen.as_str(), port)) {
+            bail!(
+                "{what} port {}:{port} is taken ({e}): is another node running with the same \
+                 address and ports?",
+                cfg.listen
+            );
+        }
+    }
+    Ok(())
+}
+
 /// `cairn node run`.
 pub fn run(args: RunArgs) -> Result<()> {
     let (cfg, created) = configure(&args)?;
+    check_ports_free(&cfg)?;
     let data_dir = args.data_dir.clone();
     prepare_devices(&cfg, &data_dir)?;
     let online = std::thread::available_parallelism().map_or(1, |n| n.get());
