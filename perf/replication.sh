@@ -38,7 +38,11 @@ for _ in $(seq 100); do
   "$CAIRN_BIN" container create single --rf 1 --endpoint "$endpoints" >/dev/null 2>&1 && break
   sleep 0.5
 done
-"$CAIRN_BIN" vdisk create vd1 --container single --size 1GiB --endpoint "$endpoints" >/dev/null
+for _ in $(seq 100); do
+  "$CAIRN_BIN" vdisk create vd1 --container single --size 1GiB --endpoint "$endpoints" \
+    >/dev/null 2>&1 && break
+  sleep 0.5
+done
 owner_of() { # vdisk -> NBD address of the node serving it
   local i
   for _ in $(seq 600); do

@@ -254,19 +254,29 @@ const DEFAULT_CLUSTER_NAME: &str = "cairn";
 /// Refuses to start when another process listens on one of the data-plane ports. The cores
 /// bind them with `SO_REUSEPORT` (every core accepts NBD and iSCSI connections), which the
 /// kernel would also grant a second process started with the same ports: it would silently get
-/// a share of the hosts' connections, or of the replication traffic. A plain bind (no
-/// `SO_REUSEPORT`) fails while any other socket listens there.
+/// a share of the hosts' connections, or of the replication traffic. A connection attempt
+/// tells a live listener from connections of an earlier run still in TIME_WAIT (which a test
+/// bind would trip over).
 fn check_ports_free(cfg: &NodeConfig) -> Result<()> {
     for (what, port) in [
         ("NBD", cfg.nbd_port),
         ("iSCSI", cfg.iscsi_port),
         ("data", cfg.data_port),
     ] {
-        if let Err(e) = std::net::TcpListener::bind((cfg.listen.as_str(), port)) {
+        let Some(mut addr) = (cfg.listen.as_str(), port)
+            .to_socket_addrs()
+            .ok()
+            .and_then(|mut a| a.next())
+        else {
+            continue; // reported by the bind itself
+        };
+        if addr.ip().is_unspecified() {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok() {
             bail!(
-                "{what} port {}:{port} is taken ({e}): is another node running with the same \
-                 address and ports?",
-                cfg.listen
+                "{what} port {addr} is taken by another process: is another node running with \
+                 the same address and ports?"
             );
         }
     }
