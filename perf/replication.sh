@@ -18,7 +18,14 @@ out=perf/results/replication-$stamp.md
 dir=$(mktemp -d "$base/cairn-repl-perf.XXXXXX")
 export CAIRN_CLUSTER_DIR=$dir/cluster CAIRN_BIN=$PWD/target/release/cairn
 export CAIRN_CLUSTER_BASE_PORT=$((17000 + RANDOM % 2000))
-cleanup() { bash scripts/cluster.sh down >/dev/null 2>&1 || true; rm -rf "$dir"; }
+cleanup() {
+  local status=$?
+  if [[ $status != 0 ]]; then
+    for f in "$dir"/cluster/n*/log; do echo "== $f" >&2; tail -n 20 "$f" >&2; done
+  fi
+  bash scripts/cluster.sh down >/dev/null 2>&1 || true
+  rm -rf "$dir"
+}
 trap cleanup EXIT
 
 command -v fio >/dev/null || { echo "fio is required (scripts/setup.sh)"; exit 1; }
@@ -33,16 +40,6 @@ print("%.3f/%.3f" % (j["50.000000"]/1e6, j["99.000000"]/1e6))')
 bash scripts/cluster.sh up 3 >/dev/null
 endpoints=$(bash scripts/cluster.sh endpoints)
 ip_of() { echo "127.0.0.$(($1 + 1))"; }
-# vd0 (RF2) is created by node 1; vd1 goes into an RF1 container.
-for _ in $(seq 100); do
-  "$CAIRN_BIN" container create single --rf 1 --endpoint "$endpoints" >/dev/null 2>&1 && break
-  sleep 0.5
-done
-for _ in $(seq 100); do
-  "$CAIRN_BIN" vdisk create vd1 --container single --size 1GiB --endpoint "$endpoints" \
-    >/dev/null 2>&1 && break
-  sleep 0.5
-done
 owner_of() { # vdisk -> NBD address of the node serving it
   local i
   for _ in $(seq 600); do
@@ -57,7 +54,18 @@ owner_of() { # vdisk -> NBD address of the node serving it
   echo "no node serves $1" >&2
   exit 1
 }
+# vd0 (RF2) is created by node 1 (only while the cluster has no container: wait for it); vd1
+# goes into an RF1 container.
 rf2=$(owner_of vd0)
+for _ in $(seq 100); do
+  "$CAIRN_BIN" container create single --rf 1 --endpoint "$endpoints" >/dev/null 2>&1 && break
+  sleep 0.5
+done
+for _ in $(seq 100); do
+  "$CAIRN_BIN" vdisk create vd1 --container single --size 1GiB --endpoint "$endpoints" \
+    >/dev/null 2>&1 && break
+  sleep 0.5
+done
 rf1=$(owner_of vd1)
 replica=$(grep -h "vdisk vd0 replicated to nodes" "$dir"/cluster/n*/log | tail -1)
 load_before=$(cut -d' ' -f1-3 /proc/loadavg)
