@@ -15,6 +15,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -385,6 +386,31 @@ fn wait_served(nodes: &[DataNode], rf: usize) -> usize {
     owner
 }
 
+/// fio's job for the verify phase: 4 KiB random writes over 32 MiB at 64 MiB (away from the
+/// writers and the bit-rot block), every block with a crc32c verify header.
+fn fio_job(addr: &str, verify_only: bool) -> std::process::Output {
+    let mut cmd = Command::new("fio");
+    cmd.args([
+        "--name=verify",
+        "--ioengine=nbd",
+        &format!("--uri=nbd://{addr}/vd0"),
+        "--rw=randwrite",
+        "--bs=4k",
+        "--offset=64M",
+        "--size=32M",
+        "--iodepth=16",
+        "--verify=crc32c",
+        "--verify_fatal=1",
+        "--randrepeat=1",
+    ]);
+    if verify_only {
+        cmd.arg("--verify_only");
+    } else {
+        cmd.arg("--do_verify=0");
+    }
+    cmd.output().expect("run fio")
+}
+
 #[test]
 fn rf2_survives_the_loss_of_the_owner_and_of_a_replica() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -393,6 +419,18 @@ fn rf2_survives_the_loss_of_the_owner_and_of_a_replica() {
     let owner = start_cluster(&mut nodes);
     let addrs: Vec<String> = nodes.iter().map(|n| n.nbd.clone()).collect();
     bit_rot_is_repaired_from_the_replica(&nodes[owner]);
+    // fio writes 32 MiB with verify headers through the owner before the first kill, and
+    // verifies every block through the new owner after it.
+    let fio = common::have("fio");
+    if fio {
+        let out = fio_job(&nodes[owner].nbd, false);
+        assert!(
+            out.status.success(),
+            "fio write: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     let records = new_records();
     let rounds: u64 = std::env::var("CAIRN_REPLICATION_ROUNDS")
         .ok()
@@ -428,6 +466,18 @@ fn rf2_survives_the_loss_of_the_owner_and_of_a_replica() {
             failover.as_secs_f64(),
         );
         assert_ne!(now, owner);
+        if fio && round == 0 {
+            let out = fio_job(&nodes[now].nbd, true);
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success() && text.contains("err= 0"),
+                "fio verify through the new owner: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            println!(
+                "fio: 32 MiB written through the old owner verified (crc32c) through the new one"
+            );
+        }
         // The old owner comes back; it does not serve vd0 any more.
         nodes[owner].start();
         runs[owner] += 1;

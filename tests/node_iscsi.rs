@@ -5,23 +5,10 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use common::have;
 
-fn have(tool: &str) -> bool {
-    let ok = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("{tool} is required (install it with scripts/setup.sh)");
-        }
-        eprintln!("!!!!!!!! SKIPPED: {tool} is not installed (scripts/setup.sh installs it)");
-    }
-    ok
-}
+use std::process::Command;
+use std::time::{Duration, Instant};
 
 fn skipped_tests(text: &str) -> usize {
     text.split("  Test: ")

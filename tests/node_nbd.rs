@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::have;
+
 use common::nbd::{Client, block};
 
 use std::path::{Path, PathBuf};
@@ -30,21 +32,6 @@ fn ports() -> Ports {
         iscsi: p[2],
         data: p[3],
     }
-}
-
-fn have(tool: &str) -> bool {
-    let ok = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        if std::env::var("CI").is_ok_and(|v| v == "true") {
-            panic!("{tool} is required (install it with scripts/setup.sh)");
-        }
-        eprintln!("!!!!!!!! SKIPPED: {tool} is not installed (scripts/setup.sh installs it)");
-    }
-    ok
 }
 
 /// A child process killed (-9) and reaped when dropped, so a failing test leaves no node behind.

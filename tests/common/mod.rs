@@ -119,6 +119,22 @@ impl Drop for Node {
     }
 }
 
+/// Whether `tool` is installed. In CI (`CI=true`) a missing tool fails the test instead.
+pub fn have(tool: &str) -> bool {
+    let ok = Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        if std::env::var("CI").is_ok_and(|v| v == "true") {
+            panic!("{tool} is required (install it with scripts/setup.sh)");
+        }
+        eprintln!("!!!!!!!! SKIPPED: {tool} is not installed (scripts/setup.sh installs it)");
+    }
+    ok
+}
+
 /// A port on `ip` that nothing listens on now, for a node that a test starts (and may restart).
 pub fn free_addr(ip: &str) -> SocketAddr {
     let port = free_ports(ip, 1)[0];
