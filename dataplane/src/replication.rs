@@ -26,6 +26,7 @@
 //!   FLUSH                -                                    -
 //!   FREE                 egid u64                             -
 //!   READ                 egid u64, first u32, blocks u32      -
+//!   OPLOG_READ           offset u32, blocks u32               batch sequence
 //! reply: OK (payload: the data of a READ), STALE, FAILED or BAD_REQUEST (payload: why)
 //! ```
 
@@ -65,6 +66,8 @@ pub mod op {
     pub const FREE: u16 = 0x0108;
     /// Read slices of an extent group (the owner repairs a slice that failed its checksum).
     pub const READ: u16 = 0x0109;
+    /// Read data slices of an oplog batch, by sequence and offset (the same repair).
+    pub const OPLOG_READ: u16 = 0x010A;
 }
 
 /// Reply codes.
@@ -126,6 +129,15 @@ pub enum ReplicaOp {
         /// It.
         egid: ExtentGroupId,
     },
+    /// Data slices of an oplog batch read back (not a change: one replica answers).
+    OplogRead {
+        /// The batch.
+        seq: u64,
+        /// First data slice of the batch.
+        offset: u32,
+        /// Slices.
+        blocks: u32,
+    },
     /// Slices read back (not a change: one replica answers).
     Read {
         /// Extent group.
@@ -186,6 +198,16 @@ impl ReplicaOp {
             Self::Free { egid } => {
                 m.op = op::FREE;
                 m.payload = egid.to_le_bytes().to_vec();
+            }
+            Self::OplogRead {
+                seq,
+                offset,
+                blocks,
+            } => {
+                m.op = op::OPLOG_READ;
+                m.sequence = *seq;
+                m.payload = offset.to_le_bytes().to_vec();
+                m.payload.extend_from_slice(&blocks.to_le_bytes());
             }
             Self::Read {
                 egid,
@@ -273,6 +295,18 @@ impl ReplicaOp {
                 exact(8)?;
                 Self::Free {
                     egid: egid(u64_at(0)?)?,
+                }
+            }
+            op::OPLOG_READ => {
+                exact(8)?;
+                let blocks = u32_at(4)?;
+                if blocks == 0 || blocks > MAX_READ_SLICES {
+                    return Err("read of 0 or more than 256 slices");
+                }
+                Self::OplogRead {
+                    seq: m.sequence,
+                    offset: u32_at(0)?,
+                    blocks,
                 }
             }
             op::READ => {
@@ -520,7 +554,7 @@ impl<T: Transport + 'static> ReplicaSet<T> {
                 why: "fenced earlier".into(),
             });
         }
-        if let ReplicaOp::Read { .. } = change {
+        if let ReplicaOp::Read { .. } | ReplicaOp::OplogRead { .. } = change {
             let mut last = None;
             for &p in &self.peers {
                 match self.send_to(p, change).await {
@@ -783,6 +817,29 @@ impl<D: BlockDevice + 'static, M: MetadataStore + 'static> ReplicaHost<D, M> {
                 Ok(()) | Err(StoreError::NoSuchEgroup { .. }) => {}
                 Err(e) => return Err(e.to_string()),
             },
+            ReplicaOp::OplogRead {
+                seq,
+                offset,
+                blocks,
+            } => {
+                let oplog = self.oplog(vdisk).await?;
+                let b = oplog
+                    .batch(seq)
+                    .ok_or_else(|| format!("oplog batch {seq} is not held here"))?;
+                if offset.saturating_add(blocks) > b.data_blocks {
+                    return Err(format!(
+                        "oplog batch {seq} has {} data slices, not {}",
+                        b.data_blocks,
+                        offset.saturating_add(blocks)
+                    ));
+                }
+                let mut buf = DmaBuf::new(blocks as usize * BLOCK_BYTES);
+                self.store
+                    .read_slices(b.egid, b.data_slice + offset, &mut buf)
+                    .await
+                    .map_err(store_err)?;
+                return Ok(buf.to_vec());
+            }
             ReplicaOp::Read {
                 egid,
                 first,
@@ -921,6 +978,11 @@ mod tests {
                 egid,
                 first: 5,
                 blocks: 256,
+            },
+            ReplicaOp::OplogRead {
+                seq: 9,
+                offset: 3,
+                blocks: 2,
             },
         ];
         for o in ops {

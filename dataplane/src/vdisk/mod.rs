@@ -344,6 +344,7 @@ impl<D: BlockDevice, M: MetadataStore> Vdisk<D, M> {
         mirror(ReplicaOp::Flush).await.map_err(|e| failed(&e))?;
         let batches = self.oplog.copy_to(&mirror).await.map_err(|e| failed(&e))?;
         self.extents.set_mirror(mirror.clone());
+        self.oplog.set_fetch(mirror.clone());
         let m = mirror.clone();
         self.oplog.set_replicator(Box::new(move |seq, bytes| {
             let sent = m(ReplicaOp::OplogBatch { seq, bytes });

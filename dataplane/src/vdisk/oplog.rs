@@ -199,6 +199,10 @@ pub struct Oplog<D: BlockDevice> {
     cap_bytes: u64,
     held_bytes: Cell<u64>,
     replicator: RefCell<Option<Rc<Replicator>>>,
+    /// Where a failed read gets good copies (the replicas).
+    fetch: RefCell<Option<crate::replication::Mirror>>,
+    /// Slices repaired from a replica.
+    repaired: Cell<u64>,
 }
 
 /// Where a primary's oplog sends each committed batch: `(sequence, header and data slices)`,
@@ -455,6 +459,8 @@ impl<D: BlockDevice> Oplog<D> {
             cap_bytes,
             held_bytes: Cell::new(held),
             replicator: RefCell::new(None),
+            fetch: RefCell::new(None),
+            repaired: Cell::new(0),
         })
     }
 
@@ -498,20 +504,94 @@ impl<D: BlockDevice> Oplog<D> {
             .is_some()
     }
 
-    /// Reads `blocks` consecutive oplog slices starting at `loc` into `buf`.
+    /// Reads `blocks` consecutive oplog slices starting at `loc` into `buf`. A slice that fails
+    /// its checksum is read from a replica's copy of its batch (when the oplog has replicas,
+    /// [`Oplog::set_fetch`]) and rewritten here.
     pub async fn read(
         &self,
         egid: ExtentGroupId,
         slice: u32,
         buf: &mut DmaBuf,
     ) -> Result<(), OplogError> {
-        self.store
-            .read_slices(egid, slice, buf)
-            .await
-            .map_err(|source| OplogError::Store {
-                vdisk: self.vdisk,
-                source,
+        let vdisk = self.vdisk;
+        match self.store.read_slices(egid, slice, buf).await {
+            Err(bad @ StoreError::ChecksumMismatch { .. }) => {
+                self.repair(egid, slice, buf, bad).await
+            }
+            r => r.map_err(|source| OplogError::Store { vdisk, source }),
+        }
+    }
+
+    /// Where a failed oplog read gets good copies of slices from (the vdisk's replicas).
+    pub fn set_fetch(&self, mirror: crate::replication::Mirror) {
+        *self.fetch.borrow_mut() = Some(mirror);
+    }
+
+    /// Slices repaired from a replica after failing their checksum here.
+    pub fn repaired_slices(&self) -> u64 {
+        self.repaired.get()
+    }
+
+    /// Reads slices `slice..` of `egid` one by one from a replica (by batch sequence and offset:
+    /// a replica places batches in extent groups of its own) and rewrites them here.
+    async fn repair(
+        &self,
+        egid: ExtentGroupId,
+        slice: u32,
+        buf: &mut DmaBuf,
+        bad: StoreError,
+    ) -> Result<(), OplogError> {
+        let vdisk = self.vdisk;
+        let fetch = self.fetch.borrow().clone();
+        let Some(fetch) = fetch else {
+            return Err(OplogError::Store { vdisk, source: bad });
+        };
+        let n = (buf.len() / BLOCK_BYTES) as u32;
+        for i in 0..n {
+            let s = slice + i;
+            let found = self.state.borrow().batches.iter().find_map(|b| {
+                (b.egid == egid && s >= b.data_slice && s < b.data_slice + b.data_blocks)
+                    .then_some((b.seq, s - b.data_slice))
+            });
+            let Some((seq, offset)) = found else {
+                return Err(OplogError::Store { vdisk, source: bad });
+            };
+            let good = fetch(crate::replication::ReplicaOp::OplogRead {
+                seq,
+                offset,
+                blocks: 1,
             })
+            .await
+            .map_err(|reason| OplogError::Replication { vdisk, seq, reason })?;
+            if good.len() != BLOCK_BYTES {
+                return Err(OplogError::Replication {
+                    vdisk,
+                    seq,
+                    reason: format!("a replica returned {} bytes for one slice", good.len()),
+                });
+            }
+            buf[i as usize * BLOCK_BYTES..(i as usize + 1) * BLOCK_BYTES].copy_from_slice(&good);
+        }
+        self.store
+            .write_slices(egid, slice, buf)
+            .await
+            .map_err(|source| OplogError::Store { vdisk, source })?;
+        self.repaired.set(self.repaired.get() + u64::from(n));
+        eprintln!(
+            "cairn: vdisk {vdisk}: {bad}; {n} oplog slice(s) from slice {slice} read from a \
+             replica and rewritten"
+        );
+        Ok(())
+    }
+
+    /// The undrained batch `seq`, if this oplog holds it.
+    pub fn batch(&self, seq: u64) -> Option<BatchInfo> {
+        self.state
+            .borrow()
+            .batches
+            .iter()
+            .find(|b| b.seq == seq)
+            .cloned()
     }
 
     /// Appends a write of whole blocks (`data` is `blocks * 4 KiB`, or `None` for zeroes, at

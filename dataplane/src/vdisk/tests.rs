@@ -603,6 +603,27 @@ fn a_replica_host_holds_everything_acknowledged_and_fences_the_old_owner() {
         );
         step(&primary, &mut model, 140).await;
         assert!(primary.oplog().undrained_batches() > 0);
+        // Bit rot in the owner's oplog (undrained data): the same, from the replica's oplog.
+        let data = fill(&mut ChaCha8Rng::seed_from_u64(6), 4096);
+        let vb = DISK / 4096 - 1;
+        primary.write(vb * 4096, &data, false).await.unwrap();
+        model[(vb * 4096) as usize..].copy_from_slice(&data);
+        let loc = primary.oplog().lookup(vb).unwrap();
+        let at = store_a
+            .egroups()
+            .iter()
+            .find(|e| e.egid == loc.egid)
+            .unwrap()
+            .offset
+            + u64::from(loc.slice.unwrap()) * 4096
+            + 99;
+        dev_a.peek(at, &mut byte);
+        dev_a.poke(at, &[byte[0] ^ 0x08]);
+        primary.cache.borrow_mut().invalidate_vdisk(1);
+        let mut one = vec![0u8; 4096];
+        primary.read(vb * 4096, &mut one).await.unwrap();
+        assert!(one == data, "the rotten oplog slice was served");
+        assert_eq!(primary.oplog().repaired_slices(), 1);
 
         // The owner is lost; node 2 takes over at epoch 2 and opens the vdisk on its replica.
         drop(primary);
