@@ -592,6 +592,10 @@ struct Replica<D: BlockDevice> {
     epoch: u64,
     /// This node serves the vdisk itself now: nothing is accepted for it.
     taken_over: bool,
+    /// A stream (RESET, copy, changes) is under way since this process started. Without one,
+    /// only RESET is accepted: changes acknowledged by an earlier run of this process but not
+    /// yet flushed may be gone, which only a new full copy repairs.
+    streaming: bool,
     oplog: Option<Rc<Oplog<D>>>,
 }
 
@@ -641,6 +645,7 @@ impl<D: BlockDevice + 'static, M: MetadataStore + 'static> ReplicaHost<D, M> {
                 owner: self.node,
                 epoch,
                 taken_over: true,
+                streaming: false,
                 oplog: None,
             },
         );
@@ -703,6 +708,7 @@ impl<D: BlockDevice + 'static, M: MetadataStore + 'static> ReplicaHost<D, M> {
                     owner: rec.node_id,
                     epoch: rec.epoch,
                     taken_over: false,
+                    streaming: false,
                     oplog: None,
                 });
                 if rec.epoch > r.epoch || (rec.epoch == r.epoch && !r.taken_over) {
@@ -769,10 +775,14 @@ impl<D: BlockDevice + 'static, M: MetadataStore + 'static> ReplicaHost<D, M> {
                 self.wait_in_flight(vdisk, 1).await;
                 if let Some(r) = self.vdisks.borrow_mut().get_mut(&vdisk) {
                     r.oplog = None;
+                    r.streaming = false;
                 }
                 free_vdisk_egroups(&self.store, vdisk)
                     .await
                     .map_err(store_err)?;
+                if let Some(r) = self.vdisks.borrow_mut().get_mut(&vdisk) {
+                    r.streaming = true;
+                }
             }
             ReplicaOp::OplogBatch { bytes, .. } => {
                 self.oplog(vdisk)
@@ -875,6 +885,20 @@ impl<D: BlockDevice + 'static, M: MetadataStore + 'static> Handler for ReplicaHo
         };
         if let Err((code, why)) = self.check(from, request.vdisk, request.epoch).await {
             return answer(code, why);
+        }
+        let streaming = self
+            .vdisks
+            .borrow()
+            .get(&request.vdisk)
+            .is_some_and(|r| r.streaming);
+        if request.op != op::RESET && !streaming {
+            return answer(
+                reply::FAILED,
+                format!(
+                    "node {} has no stream of vdisk {} (restarted?): it needs a full copy",
+                    self.node, request.vdisk
+                ),
+            );
         }
         // Counted from the check on (no await in between), so a takeover that starts later
         // waits for it.

@@ -3,7 +3,8 @@
 //! `ReplicaHost` on an in-memory device, one shared metadata store standing for the Raft one.
 //! Vdisk 1 (RF2) is written by four writers while its owner drains; a lost message fails a
 //! write (no retries here), and the owner reopens the vdisk with a full copy to a replica, as
-//! a node does. Then, at a seeded moment, the owner crashes or is partitioned away; its replica
+//! a node does; sometimes the replica's process restarts (its stream state gone), which also
+//! takes a full copy. Then, at a seeded moment, the owner crashes or is partitioned away; its replica
 //! takes the vdisk over by compare-and-swap at the next epoch, copies it to the third node and
 //! serves it. Checked: every acknowledged block reads back (an unacknowledged write reads back
 //! as its old or its new contents), the old owner never gets another write acknowledged, and
@@ -171,6 +172,7 @@ enum Fault {
 #[derive(Debug, PartialEq, Eq)]
 struct Outcome {
     fault: Fault,
+    replica_restarted: bool,
     acked: u64,
     failed: u64,
     reopens: u32,
@@ -300,7 +302,20 @@ async fn run(seed: u64) -> Outcome {
 
     // Run; a failed oplog (a lost message) makes the owner reopen with a full copy.
     let fault_at = rng.random_range(40..120u64);
-    for _ in 0..fault_at {
+    // Sometimes the replica's process restarts first (same device, no stream state): the owner
+    // must notice and copy the vdisk again.
+    let restart_at = rng.random_bool(0.4).then(|| rng.random_range(10..fault_at));
+    for t in 0..fault_at {
+        if restart_at == Some(t) {
+            let host = Rc::new(ReplicaHost::new(
+                2,
+                nodes[1].store.clone(),
+                meta.clone(),
+                8 << 20,
+            ));
+            net.restart(2, host.clone());
+            nodes[1].host = host;
+        }
         net.run_for(Duration::from_millis(1)).await;
         if owner.0.oplog().is_failed() {
             *serving.borrow_mut() = None;
@@ -411,6 +426,7 @@ async fn run(seed: u64) -> Outcome {
     }
     Outcome {
         fault,
+        replica_restarted: restart_at.is_some(),
         acked: acked.get(),
         failed: failed.get(),
         reopens,
@@ -431,7 +447,7 @@ fn replication_survives_crashes_and_partitions_in_the_simulation() {
             (0..n).collect()
         }
     };
-    let (mut acked, mut failed, mut reopens, mut crashes) = (0, 0, 0, 0);
+    let (mut acked, mut failed, mut reopens, mut crashes, mut restarts) = (0, 0, 0, 0, 0);
     for &seed in &seeds {
         let o = scenario(seed);
         if seeds.len() == 1 {
@@ -446,6 +462,7 @@ fn replication_survives_crashes_and_partitions_in_the_simulation() {
         failed += o.failed;
         reopens += o.reopens;
         crashes += u32::from(o.fault == Fault::Crash);
+        restarts += u32::from(o.replica_restarted);
     }
     // Replayable: the same seed, the same run.
     let first = seeds[0];
@@ -455,9 +472,9 @@ fn replication_survives_crashes_and_partitions_in_the_simulation() {
         "seed {first} is not deterministic"
     );
     println!(
-        "simulation: {} seeds ({crashes} owner crashes, {} partitions): {acked} writes \
-         acknowledged, {failed} failed, {reopens} reopens after lost messages; every \
-         acknowledged block read back",
+        "simulation: {} seeds ({crashes} owner crashes, {} partitions, {restarts} replica \
+         restarts before them): {acked} writes acknowledged, {failed} failed, {reopens} reopens \
+         after lost messages or restarts; every acknowledged block read back",
         seeds.len(),
         seeds.len() as u32 - crashes
     );

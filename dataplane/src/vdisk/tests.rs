@@ -651,6 +651,13 @@ fn a_replica_host_holds_everything_acknowledged_and_fences_the_old_owner() {
         let r = other.handle(1, ReplicaOp::Flush.to_message(1, 1)).await;
         assert_eq!(r.op, reply::STALE);
         assert!(String::from_utf8_lossy(&r.payload).contains("owned by node 2 at epoch 2"));
+        // The owner's changes need a stream begun with RESET (a replica that restarted may have
+        // lost unflushed changes it acknowledged).
+        let r = other.handle(2, ReplicaOp::Flush.to_message(1, 2)).await;
+        assert_eq!(r.op, reply::FAILED);
+        assert!(String::from_utf8_lossy(&r.payload).contains("needs a full copy"));
+        let r = other.handle(2, ReplicaOp::Reset.to_message(1, 2)).await;
+        assert_eq!(r.op, reply::OK, "{}", String::from_utf8_lossy(&r.payload));
         let r = other.handle(2, ReplicaOp::Flush.to_message(1, 2)).await;
         assert_eq!(r.op, reply::OK, "{}", String::from_utf8_lossy(&r.payload));
     });
