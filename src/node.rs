@@ -936,6 +936,25 @@ impl CoreVdisks {
                         v.name, owner.node_id, owner.epoch
                     );
                 }
+                // A copy here that the record no longer counts (this node owned or held the
+                // vdisk before it moved on): free it.
+                if let Some(host) = &self.host
+                    && replicated
+                    && !owner.replicas.contains(&me)
+                {
+                    match host.trim_surplus(v.vdisk_id).await {
+                        Ok(0) => {}
+                        Ok(n) => println!(
+                            "cairn node: vdisk {}: {n} extent groups freed (node {me} no longer \
+                             holds a copy; node {} owns it at epoch {})",
+                            v.name, owner.node_id, owner.epoch
+                        ),
+                        Err(e) => self.report(
+                            v.vdisk_id,
+                            format!("vdisk {}: freeing a surplus copy: {e}", v.name),
+                        ),
+                    }
+                }
                 if replicated
                     && self.host.is_some()
                     && owner.replicas.contains(&me)

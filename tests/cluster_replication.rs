@@ -479,6 +479,7 @@ fn rf2_survives_the_loss_of_the_owner_and_of_a_replica() {
             );
         }
         // The old owner comes back; it does not serve vd0 any more.
+        let trims = nodes[owner].log().matches("no longer holds a copy").count();
         nodes[owner].start();
         runs[owner] += 1;
         nodes[owner].wait_ready(runs[owner]);
@@ -486,6 +487,16 @@ fn rf2_survives_the_loss_of_the_owner_and_of_a_replica() {
             Client::connect_to(&nodes[owner].nbd, "vd0").is_err(),
             "the old owner serves vd0 again"
         );
+        // Its stale copy is freed.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while nodes[owner].log().matches("no longer holds a copy").count() <= trims {
+            assert!(
+                Instant::now() < deadline,
+                "the old owner kept its stale copy:\n{}",
+                nodes[owner].log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
 
         // 2. The replica (not the owner) dies mid-run: the owner replaces it.
         let owner = now;

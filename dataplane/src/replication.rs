@@ -666,6 +666,34 @@ impl<D: BlockDevice + 'static, M: MetadataStore + 'static> ReplicaHost<D, M> {
         }
     }
 
+    /// Frees this device's copy of `vdisk`, unless a stream of it is under way here. For a
+    /// node that is neither the vdisk's owner nor one of its recorded replicas: an old owner or
+    /// replica that came back after the vdisk moved on. Returns the extent groups freed.
+    pub async fn trim_surplus(&self, vdisk: u64) -> Result<usize, StoreError> {
+        let busy = self
+            .vdisks
+            .borrow()
+            .get(&vdisk)
+            .is_some_and(|r| r.streaming || r.taken_over)
+            || self.in_flight.borrow().get(&vdisk).is_some_and(|&n| n > 0);
+        if busy {
+            return Ok(0);
+        }
+        // Freed with no await in between the check and the frees: a stream that starts later
+        // (RESET) finds the device without the copy, as it would after its own RESET.
+        let mut freed = 0;
+        for e in self.store.egroups() {
+            if (e.egid & !OPLOG_EGID_BIT) >> 24 == vdisk {
+                self.store.free(e.egid)?;
+                freed += 1;
+            }
+        }
+        if freed > 0 {
+            self.store.flush().await?;
+        }
+        Ok(freed)
+    }
+
     /// The vdisks this host has heard of.
     pub fn known(&self) -> Vec<u64> {
         self.vdisks.borrow().keys().copied().collect()
