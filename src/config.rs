@@ -249,12 +249,21 @@ impl NodeConfig {
     /// Where other nodes reach this node's data port: the advertised host (else the listen
     /// address) with `data_port`.
     pub fn data_addr(&self) -> String {
+        self.reachable_at(self.data_port)
+    }
+
+    /// Where hosts reach this node's iSCSI portal (for redirects from other nodes).
+    pub fn iscsi_addr(&self) -> String {
+        self.reachable_at(self.iscsi_port)
+    }
+
+    fn reachable_at(&self, port: u16) -> String {
         let host = self
             .advertise
             .as_deref()
             .and_then(|a| a.rsplit_once(':').map(|(h, _)| h))
             .unwrap_or(&self.listen);
-        format!("{host}:{}", self.data_port)
+        format!("{host}:{port}")
     }
 
     /// The embedded default: one file-backed device and a thin 4 GiB vdisk `vd0`.

@@ -103,6 +103,8 @@ struct CoreExports {
     local: Rc<RefCell<HashMap<u64, Rc<Disk>>>>,
     all: RefCell<Vec<Export>>,
     mesh: dataplane::mesh::CoreMesh,
+    /// Vdisks other nodes serve: name -> the owner's iSCSI portal (login redirects).
+    remote: RefCell<HashMap<String, String>>,
 }
 
 impl Exports for CoreExports {
@@ -122,6 +124,10 @@ impl Exports for CoreExports {
         Some(Rc::new(CoreTarget::Remote(RemoteTarget::new(
             e.id, e.size, link,
         ))))
+    }
+
+    fn iscsi_portal_of(&self, name: &str) -> Option<String> {
+        self.remote.borrow().get(name).cloned()
     }
 
     fn list(&self) -> Vec<ExportInfo> {
@@ -586,6 +592,10 @@ struct CoreVdisks {
     mirrors: RefCell<HashMap<u64, Rc<ReplicaSet<TcpTransport>>>>,
     /// Since when the owner of a vdisk this node holds a replica of has not answered.
     owner_silent: RefCell<HashMap<u64, std::time::Instant>>,
+    /// Other nodes' iSCSI portals, as they published them, and when they were read.
+    portals: RefCell<HashMap<u64, (String, std::time::Instant)>>,
+    /// Whether this node's own portal is published (core 0 publishes it).
+    published: Cell<bool>,
     /// Drain loops of the open vdisks.
     drains: RefCell<HashMap<u64, glommio::Task<()>>>,
     /// Problems already reported (vdisk id -> message), so a retry does not flood the log.
@@ -888,6 +898,38 @@ impl CoreVdisks {
         Some(vd)
     }
 
+    /// Publishes this node's iSCSI portal in the metadata store (core 0, once), so that other
+    /// nodes can redirect initiators of the vdisks served here.
+    async fn publish_portal(&self) {
+        if self.setup.core != 0 || self.published.get() {
+            return;
+        }
+        let put = MetaOp::Put {
+            key: portal_key(self.setup.cfg.node_id),
+            value: self.setup.cfg.iscsi_addr().into_bytes(),
+            expect: Expect::Any,
+        };
+        match self.meta.apply(vec![put]).await {
+            Ok(_) => self.published.set(true),
+            Err(e) => self.report(0, format!("publishing the iSCSI portal: {e}")),
+        }
+    }
+
+    /// The iSCSI portal node `node` published (re-read every 30 s).
+    async fn portal_of(&self, node: u64) -> Option<String> {
+        if let Some((p, at)) = self.portals.borrow().get(&node)
+            && at.elapsed() < Duration::from_secs(30)
+        {
+            return Some(p.clone());
+        }
+        let found = self.meta.get(&portal_key(node)).await.ok()??;
+        let portal = String::from_utf8(found.value).ok()?;
+        self.portals
+            .borrow_mut()
+            .insert(node, (portal.clone(), std::time::Instant::now()));
+        Some(portal)
+    }
+
     /// Gives `transport` the data addresses of the nodes in `view`.
     fn update_peers(&self, view: &ConfigView) {
         for n in &view.nodes {
@@ -906,8 +948,10 @@ impl CoreVdisks {
     async fn reconcile(&self, view: &ConfigView, events: &mpsc::Sender<CoreEvent>) -> bool {
         let me = self.setup.cfg.node_id;
         self.update_peers(view);
+        self.publish_portal().await;
         let mut complete = true;
         let mut all = Vec::new();
+        let mut remote = HashMap::new();
         for s in &view.vdisks {
             let v = &s.record;
             let rf = view
@@ -929,6 +973,9 @@ impl CoreVdisks {
                 }
             };
             if owner.node_id != me {
+                if let Some(portal) = self.portal_of(owner.node_id).await {
+                    remote.insert(v.name.clone(), portal);
+                }
                 if self.close(v.vdisk_id).await.is_some() {
                     println!(
                         "cairn node: vdisk {} is served by node {} now (epoch {}); stopped \
@@ -1046,6 +1093,7 @@ impl CoreVdisks {
             .collect();
         // Hosts can no longer reach a deleted vdisk; stop it and release its space.
         *self.exports.all.borrow_mut() = all;
+        *self.exports.remote.borrow_mut() = remote;
         for id in gone {
             let Some(vd) = self.close(id).await else {
                 continue;
@@ -1190,6 +1238,7 @@ async fn run_core(
         local,
         all: RefCell::new(Vec::new()),
         mesh,
+        remote: RefCell::default(),
     });
     let vdisks = Rc::new(CoreVdisks {
         meta: Rc::new(setup.meta.clone()),
@@ -1203,6 +1252,8 @@ async fn run_core(
         host: host.clone(),
         mirrors: RefCell::default(),
         owner_silent: RefCell::default(),
+        portals: RefCell::default(),
+        published: Cell::new(false),
         drains: RefCell::default(),
         reported: RefCell::default(),
         stopping: Cell::new(false),
@@ -1341,4 +1392,9 @@ fn spread_hash(vdisk: u64, node: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
+}
+
+/// Metadata key of node `node`'s published iSCSI portal.
+fn portal_key(node: u64) -> Vec<u8> {
+    format!("node/{node:020}/iscsi-portal").into_bytes()
 }

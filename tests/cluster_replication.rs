@@ -31,6 +31,8 @@ struct DataNode {
     nbd: String,
     /// host:port of its control plane.
     grpc: String,
+    /// host:port of its iSCSI portal.
+    iscsi: String,
     dir: PathBuf,
     child: Option<Child>,
 }
@@ -128,6 +130,7 @@ fn cluster_with(dir: &Path, ips: &[&str], keys: &str, tables: &str) -> Vec<DataN
                 id: i as u64 + 1,
                 nbd: format!("{}:{}", ips[i], port(i, 0)),
                 grpc: format!("{}:{}", ips[i], port(i, 1)),
+                iscsi: format!("{}:{}", ips[i], port(i, 2)),
                 dir: ndir,
                 child: None,
             }
@@ -386,6 +389,43 @@ fn wait_served(nodes: &[DataNode], rf: usize) -> usize {
     owner
 }
 
+/// libiscsi logs in to vd0 at a node that does not serve it: the node answers "target moved
+/// temporarily" with the owner's portal, and the initiator follows it.
+fn an_initiator_at_another_node_is_redirected(nodes: &[DataNode], owner: usize) {
+    if !common::have("iscsi-readcapacity16") {
+        return;
+    }
+    let other = (owner + 1) % nodes.len();
+    let url = format!("iscsi://{}/iqn.2026-11.io.cairn:vd0/0", nodes[other].iscsi);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = Command::new("iscsi-readcapacity16")
+            .arg(&url)
+            .output()
+            .expect("run iscsi-readcapacity16");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if out.status.success() && text.contains("268435456") {
+            println!(
+                "iSCSI: login at node {} for vd0 redirected to node {}: {}",
+                nodes[other].id,
+                nodes[owner].id,
+                text.lines()
+                    .find(|l| l.contains("268435456"))
+                    .unwrap_or("")
+                    .trim()
+            );
+            return;
+        }
+        // The node learns the owner's portal on its next pass over the config.
+        assert!(
+            Instant::now() < deadline,
+            "iscsi-readcapacity16 {url}: {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// fio's job for the verify phase: 4 KiB random writes over 32 MiB at 64 MiB (away from the
 /// writers and the bit-rot block), every block with a crc32c verify header.
 fn fio_job(addr: &str, verify_only: bool) -> std::process::Output {
@@ -419,6 +459,7 @@ fn rf2_survives_the_loss_of_the_owner_and_of_a_replica() {
     let owner = start_cluster(&mut nodes);
     let addrs: Vec<String> = nodes.iter().map(|n| n.nbd.clone()).collect();
     bit_rot_is_repaired_from_the_replica(&nodes[owner]);
+    an_initiator_at_another_node_is_redirected(&nodes, owner);
     // fio writes 32 MiB with verify headers through the owner before the first kill, and
     // verifies every block through the new owner after it.
     let fio = common::have("fio");

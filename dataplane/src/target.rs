@@ -102,4 +102,9 @@ pub trait Exports {
     fn get(&self, name: &str) -> Option<Rc<Self::Target>>;
     /// Every export.
     fn list(&self) -> Vec<ExportInfo>;
+    /// Where hosts find `name` when another node serves it: that node's iSCSI portal
+    /// (`host:port`), for a login redirect. `None`: not known to be served elsewhere.
+    fn iscsi_portal_of(&self, _name: &str) -> Option<String> {
+        None
+    }
 }

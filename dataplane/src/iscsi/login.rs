@@ -29,6 +29,8 @@ pub mod stage {
 pub mod status {
     /// Success.
     pub const SUCCESS: u16 = 0x0000;
+    /// Target moved temporarily (redirection: the response carries TargetAddress).
+    pub const TARGET_MOVED_TEMPORARILY: u16 = 0x0101;
     /// Initiator error (miscellaneous).
     pub const INITIATOR_ERROR: u16 = 0x0200;
     /// Authentication failure.
@@ -81,6 +83,10 @@ pub trait TargetDirectory {
     fn discovery_chap(&self) -> Option<ChapSecrets>;
     /// Target Portal Group Tag to report.
     fn portal_group_tag(&self) -> u16;
+    /// The portal (`host:port`) of the node that serves `iqn` when this one does not.
+    fn moved(&self, _iqn: &str) -> Option<String> {
+        None
+    }
 }
 
 /// Discovery or normal session.
@@ -378,6 +384,17 @@ impl Negotiation {
                         return fail(status::MISSING_PARAMETER);
                     };
                     let Some(export) = dir.lookup(name) else {
+                        // Served by another node (its owner moved): send the initiator there
+                        // (RFC 7143 11.13.5, redirection, with TargetAddress).
+                        if let Some(portal) = dir.moved(name) {
+                            return Step {
+                                keys: vec![(
+                                    "TargetAddress".to_owned(),
+                                    format!("{portal},{}", dir.portal_group_tag()),
+                                )],
+                                ..fail(status::TARGET_MOVED_TEMPORARILY)
+                            };
+                        }
                         return fail(status::NOT_FOUND);
                     };
                     self.chap = dir.chap(&export);
@@ -670,6 +687,22 @@ mod tests {
         fn portal_group_tag(&self) -> u16 {
             1
         }
+        fn moved(&self, iqn: &str) -> Option<String> {
+            (iqn == "iqn.elsewhere:vd9").then(|| "10.0.0.9:3260".to_owned())
+        }
+    }
+
+    #[test]
+    fn a_target_served_elsewhere_is_redirected() {
+        let dir = Dir { chap: None };
+        let s = Negotiation::new([0; 16], 1).step(
+            &header(0, 1, true),
+            &keys(&[("InitiatorName", "i"), ("TargetName", "iqn.elsewhere:vd9")]),
+            &dir,
+        );
+        assert_eq!(s.status, status::TARGET_MOVED_TEMPORARILY);
+        assert_eq!(answer(&s, "TargetAddress"), Some("10.0.0.9:3260,1"));
+        assert!(s.done.is_none());
     }
 
     fn header(csg: u8, nsg: u8, transit: bool) -> LoginHeader {

@@ -150,6 +150,9 @@ impl<E: Exports> TargetDirectory for Directory<'_, E> {
     fn portal_group_tag(&self) -> u16 {
         self.config.portal_group_tag
     }
+    fn moved(&self, iqn: &str) -> Option<String> {
+        self.exports.iscsi_portal_of(&self.config.export_of(iqn)?)
+    }
 }
 
 /// Runs login on `stream`; returns the session parameters and the StatSN to continue from, or
