@@ -130,6 +130,17 @@ impl Exports for CoreExports {
         self.remote.borrow().get(name).cloned()
     }
 
+    fn served_elsewhere(&self) -> Vec<(String, String)> {
+        let mut v: Vec<(String, String)> = self
+            .remote
+            .borrow()
+            .iter()
+            .map(|(n, p)| (n.clone(), p.clone()))
+            .collect();
+        v.sort();
+        v
+    }
+
     fn list(&self) -> Vec<ExportInfo> {
         self.all
             .borrow()

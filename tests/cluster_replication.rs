@@ -405,6 +405,18 @@ fn an_initiator_at_another_node_is_redirected(nodes: &[DataNode], owner: usize) 
             .expect("run iscsi-readcapacity16");
         let text = String::from_utf8_lossy(&out.stdout).into_owned();
         if out.status.success() && text.contains("268435456") {
+            // Discovery at the same node lists vd0 at the owner's portal.
+            let ls = Command::new("iscsi-ls")
+                .arg(format!("iscsi://{}", nodes[other].iscsi))
+                .output()
+                .expect("run iscsi-ls");
+            let listed = String::from_utf8_lossy(&ls.stdout);
+            assert!(
+                listed.contains("iqn.2026-11.io.cairn:vd0") && listed.contains(&nodes[owner].iscsi),
+                "discovery at node {} does not list vd0 at {}: {listed}",
+                nodes[other].id,
+                nodes[owner].iscsi
+            );
             println!(
                 "iSCSI: login at node {} for vd0 redirected to node {}: {}",
                 nodes[other].id,

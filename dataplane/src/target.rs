@@ -107,4 +107,8 @@ pub trait Exports {
     fn iscsi_portal_of(&self, _name: &str) -> Option<String> {
         None
     }
+    /// The exports other nodes serve, with their iSCSI portals (for SendTargets).
+    fn served_elsewhere(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
 }

@@ -729,6 +729,24 @@ fn text_response<T, S, E: Exports>(
                 pdu::encode_text(&mut out, "TargetAddress", &address);
             }
         }
+        // Targets of the cluster that other nodes serve, at their portals: discovery at any
+        // node finds every vdisk.
+        for (export, portal) in exports.served_elsewhere() {
+            let name = config.target_name(&export);
+            let wanted = match value.as_str() {
+                "All" => discovery,
+                "" => false,
+                other => other.eq_ignore_ascii_case(&name),
+            };
+            if wanted {
+                pdu::encode_text(&mut out, "TargetName", &name);
+                pdu::encode_text(
+                    &mut out,
+                    "TargetAddress",
+                    &format!("{portal},{}", config.portal_group_tag),
+                );
+            }
+        }
     }
     out
 }
