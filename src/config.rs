@@ -252,6 +252,11 @@ impl NodeConfig {
         self.reachable_at(self.data_port)
     }
 
+    /// Where hosts reach this node's NBD server (named by other nodes' refusals).
+    pub fn nbd_addr(&self) -> String {
+        self.reachable_at(self.nbd_port)
+    }
+
     /// Where hosts reach this node's iSCSI portal (for redirects from other nodes).
     pub fn iscsi_addr(&self) -> String {
         self.reachable_at(self.iscsi_port)

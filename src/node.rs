@@ -103,8 +103,8 @@ struct CoreExports {
     local: Rc<RefCell<HashMap<u64, Rc<Disk>>>>,
     all: RefCell<Vec<Export>>,
     mesh: dataplane::mesh::CoreMesh,
-    /// Vdisks other nodes serve: name -> the owner's iSCSI portal (login redirects).
-    remote: RefCell<HashMap<String, String>>,
+    /// Vdisks other nodes serve: name -> the owner's frontends (login redirects, NBD hints).
+    remote: RefCell<HashMap<String, Frontends>>,
 }
 
 impl Exports for CoreExports {
@@ -127,7 +127,11 @@ impl Exports for CoreExports {
     }
 
     fn iscsi_portal_of(&self, name: &str) -> Option<String> {
-        self.remote.borrow().get(name).cloned()
+        self.remote.borrow().get(name).map(|f| f.iscsi.clone())
+    }
+
+    fn nbd_address_of(&self, name: &str) -> Option<String> {
+        self.remote.borrow().get(name).map(|f| f.nbd.clone())
     }
 
     fn served_elsewhere(&self) -> Vec<(String, String)> {
@@ -135,7 +139,7 @@ impl Exports for CoreExports {
             .remote
             .borrow()
             .iter()
-            .map(|(n, p)| (n.clone(), p.clone()))
+            .map(|(n, f)| (n.clone(), f.iscsi.clone()))
             .collect();
         v.sort();
         v
@@ -603,8 +607,8 @@ struct CoreVdisks {
     mirrors: RefCell<HashMap<u64, Rc<ReplicaSet<TcpTransport>>>>,
     /// Since when the owner of a vdisk this node holds a replica of has not answered.
     owner_silent: RefCell<HashMap<u64, std::time::Instant>>,
-    /// Other nodes' iSCSI portals, as they published them, and when they were read.
-    portals: RefCell<HashMap<u64, (String, std::time::Instant)>>,
+    /// Other nodes' frontend addresses, as they published them, and when they were read.
+    portals: RefCell<HashMap<u64, (Frontends, std::time::Instant)>>,
     /// Whether this node's own portal is published (core 0 publishes it).
     published: Cell<bool>,
     /// Drain loops of the open vdisks.
@@ -915,9 +919,13 @@ impl CoreVdisks {
         if self.setup.core != 0 || self.published.get() {
             return;
         }
+        let mine = Frontends {
+            iscsi: self.setup.cfg.iscsi_addr(),
+            nbd: self.setup.cfg.nbd_addr(),
+        };
         let put = MetaOp::Put {
             key: portal_key(self.setup.cfg.node_id),
-            value: self.setup.cfg.iscsi_addr().into_bytes(),
+            value: mine.encode(),
             expect: Expect::Any,
         };
         match self.meta.apply(vec![put]).await {
@@ -926,15 +934,15 @@ impl CoreVdisks {
         }
     }
 
-    /// The iSCSI portal node `node` published (re-read every 30 s).
-    async fn portal_of(&self, node: u64) -> Option<String> {
+    /// The frontend addresses node `node` published (re-read every 30 s).
+    async fn portal_of(&self, node: u64) -> Option<Frontends> {
         if let Some((p, at)) = self.portals.borrow().get(&node)
             && at.elapsed() < Duration::from_secs(30)
         {
             return Some(p.clone());
         }
         let found = self.meta.get(&portal_key(node)).await.ok()??;
-        let portal = String::from_utf8(found.value).ok()?;
+        let portal = Frontends::decode(&found.value)?;
         self.portals
             .borrow_mut()
             .insert(node, (portal.clone(), std::time::Instant::now()));
@@ -1405,7 +1413,54 @@ fn spread_hash(vdisk: u64, node: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Metadata key of node `node`'s published iSCSI portal.
+/// Metadata key of node `node`'s published frontend addresses.
 fn portal_key(node: u64) -> Vec<u8> {
-    format!("node/{node:020}/iscsi-portal").into_bytes()
+    format!("node/{node:020}/frontends").into_bytes()
+}
+
+/// Where hosts reach a node's frontends, as it publishes them: `v1 iscsi=host:port
+/// nbd=host:port` (text, so an operator reading the metadata store understands it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Frontends {
+    iscsi: String,
+    nbd: String,
+}
+
+impl Frontends {
+    fn encode(&self) -> Vec<u8> {
+        format!("v1 iscsi={} nbd={}", self.iscsi, self.nbd).into_bytes()
+    }
+
+    fn decode(b: &[u8]) -> Option<Self> {
+        let text = std::str::from_utf8(b).ok()?;
+        let mut parts = text.split(' ');
+        if parts.next()? != "v1" {
+            return None;
+        }
+        let iscsi = parts.next()?.strip_prefix("iscsi=")?.to_string();
+        let nbd = parts.next()?.strip_prefix("nbd=")?.to_string();
+        Some(Self { iscsi, nbd })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Frontends;
+
+    #[test]
+    fn frontends_round_trip_and_refuse_garbage() {
+        let f = Frontends {
+            iscsi: "10.0.0.5:3260".into(),
+            nbd: "10.0.0.5:10809".into(),
+        };
+        assert_eq!(Frontends::decode(&f.encode()), Some(f));
+        for bad in [
+            &b"v2 iscsi=a nbd=b"[..],
+            b"v1 nbd=b iscsi=a",
+            b"v1",
+            b"\xff",
+        ] {
+            assert_eq!(Frontends::decode(bad), None);
+        }
+    }
 }

@@ -417,6 +417,19 @@ fn an_initiator_at_another_node_is_redirected(nodes: &[DataNode], owner: usize) 
                 nodes[other].id,
                 nodes[owner].iscsi
             );
+            // NBD has no redirect: the refusal names the owner's address.
+            let said = match Client::connect_to(&nodes[other].nbd, "vd0") {
+                Ok(_) => panic!("node {} serves vd0", nodes[other].id),
+                Err(e) => e.to_string(),
+            };
+            assert!(
+                said.contains(&format!(
+                    "served by another node: nbd://{}/vd0",
+                    nodes[owner].nbd
+                )),
+                "NBD at node {}: {said}",
+                nodes[other].id
+            );
             println!(
                 "iSCSI: login at node {} for vd0 redirected to node {}: {}",
                 nodes[other].id,

@@ -107,6 +107,11 @@ pub trait Exports {
     fn iscsi_portal_of(&self, _name: &str) -> Option<String> {
         None
     }
+    /// Where NBD hosts find `name` when another node serves it (`host:port`). NBD has no
+    /// redirect: the refusal names it.
+    fn nbd_address_of(&self, _name: &str) -> Option<String> {
+        None
+    }
     /// The exports other nodes serve, with their iSCSI portals (for SendTargets).
     fn served_elsewhere(&self) -> Vec<(String, String)> {
         Vec::new()

@@ -51,7 +51,8 @@ impl Client {
                 3 => continue, // NBD_REP_INFO
                 other => {
                     return Err(std::io::Error::other(format!(
-                        "option GO for {export} refused: reply {other:#x}"
+                        "option GO for {export} refused: reply {other:#x}: {}",
+                        String::from_utf8_lossy(&data)
                     )));
                 }
             }

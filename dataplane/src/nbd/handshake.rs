@@ -228,7 +228,13 @@ fn info_or_go<E: Exports>(
         }
     };
     let Some(target) = exports.get(request.name) else {
-        let message = format!("no export named {:?}", request.name);
+        let message = match exports.nbd_address_of(request.name) {
+            Some(addr) => format!(
+                "export {:?} is served by another node: nbd://{addr}/{}",
+                request.name, request.name
+            ),
+            None => format!("no export named {:?}", request.name),
+        };
         proto::encode_option_reply(out, option, proto::REP_ERR_UNKNOWN, &message);
         return Step::Continue;
     };
