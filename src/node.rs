@@ -779,7 +779,8 @@ impl CoreVdisks {
 
     /// `want` live nodes other than this one for the replicas of `vdisk`, none sharing a block
     /// or rack with this node or each other (as far as nodes name them). The current replicas
-    /// come first, then an order by a hash of (vdisk, node), which spreads vdisks evenly.
+    /// come first, then the nearest by ping round trip, then an order by a hash of (vdisk,
+    /// node), which spreads vdisks evenly.
     async fn choose_replicas(
         &self,
         vdisk: u64,
@@ -795,16 +796,34 @@ impl CoreVdisks {
                 .map(|n| (n.record.block.clone(), n.record.rack.clone()))
                 .unwrap_or_default()
         };
-        let mut candidates: Vec<u64> = view
+        let candidates: Vec<u64> = view
             .nodes
             .iter()
             .filter(|n| n.record.node_id != me && !n.record.data_addr.is_empty())
             .map(|n| n.record.node_id)
             .collect();
-        candidates.sort_by_key(|&n| (!rec.replicas.contains(&n), spread_hash(vdisk, n)));
+        // Ping them all at once: the live ones, with their round-trip times.
+        let pings = candidates.iter().map(|&n| async move {
+            let start = std::time::Instant::now();
+            self.ping(n).await.then(|| (n, start.elapsed()))
+        });
+        let mut live: Vec<(u64, Duration)> = futures_util::future::join_all(pings)
+            .await
+            .into_iter()
+            .flatten()
+            .collect();
+        // Current replicas first (they keep their place), then the nearest (round trip in
+        // 250 µs steps), then a hash of (vdisk, node) to spread vdisks.
+        live.sort_by_key(|&(n, rtt)| {
+            (
+                !rec.replicas.contains(&n),
+                rtt.as_micros() / 250,
+                spread_hash(vdisk, n),
+            )
+        });
         let mut taken = vec![domain(me)];
         let mut chosen = Vec::new();
-        for n in candidates {
+        for (n, _) in live {
             if chosen.len() == want {
                 break;
             }
@@ -812,7 +831,7 @@ impl CoreVdisks {
             let clash = taken.iter().any(|(b, r)| {
                 (!block.is_empty() && *b == block) || (!rack.is_empty() && *r == rack)
             });
-            if clash || !self.ping(n).await {
+            if clash {
                 continue;
             }
             taken.push((block, rack));
