@@ -86,6 +86,16 @@ impl DataNode {
 impl Drop for DataNode {
     fn drop(&mut self) {
         self.kill9();
+        // A failing test shows what each node said last.
+        if std::thread::panicking() {
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            eprintln!(
+                "--- node {} log, last lines ---\n{}",
+                self.id,
+                lines[lines.len().saturating_sub(40)..].join("\n")
+            );
+        }
     }
 }
 

@@ -715,29 +715,51 @@ pub enum ServeError {
 }
 
 /// Connects to `to` from address `ip` (any port) within `limit`. glommio connects only from the
-/// kernel's choice of address, so the socket is bound and connected in a blocking helper
-/// thread (socket2), then handed to glommio like one of its own (blocking mode, as glommio
-/// makes them).
+/// kernel's choice of address, so the socket is bound and connected (socket2) on a short-lived
+/// thread of its own, then handed to glommio like one of its own (blocking mode, as glommio
+/// makes them). Not glommio's `spawn_blocking`: its pool also runs the node's metadata calls,
+/// which can block for seconds while a raft group elects a leader, and a connect queued
+/// behind them missed every ping's deadline (a partition test saw a new owner find no replica).
 async fn connect_from(
     ip: std::net::IpAddr,
     to: SocketAddr,
     limit: Duration,
 ) -> io::Result<TcpStream> {
     use std::os::fd::{FromRawFd, IntoRawFd};
-    let fd = glommio::executor()
-        .spawn_blocking(move || -> io::Result<std::os::fd::RawFd> {
-            let s = socket2::Socket::new(
-                socket2::Domain::for_address(to),
-                socket2::Type::STREAM,
-                Some(socket2::Protocol::TCP),
-            )?;
-            s.bind(&SocketAddr::new(ip, 0).into())?;
-            s.connect_timeout(&to.into(), limit)?;
-            Ok(s.into_raw_fd())
-        })
-        .await?;
-    // SAFETY: `fd` is a connected TCP socket released by its only owner just above.
-    Ok(unsafe { TcpStream::from_raw_fd(fd) })
+    type Slot = std::sync::Mutex<Option<io::Result<socket2::Socket>>>;
+    let slot: Arc<Slot> = Arc::default();
+    let done = Arc::new(event_listener::Event::new());
+    {
+        let (slot, done) = (slot.clone(), done.clone());
+        std::thread::Builder::new()
+            .name("cairn-connect".into())
+            .spawn(move || {
+                let connected = (|| {
+                    let s = socket2::Socket::new(
+                        socket2::Domain::for_address(to),
+                        socket2::Type::STREAM,
+                        Some(socket2::Protocol::TCP),
+                    )?;
+                    s.bind(&SocketAddr::new(ip, 0).into())?;
+                    s.connect_timeout(&to.into(), limit)?;
+                    Ok(s)
+                })();
+                if let Ok(mut slot) = slot.lock() {
+                    *slot = Some(connected);
+                }
+                done.notify(usize::MAX);
+            })?;
+    }
+    loop {
+        let listener = done.listen();
+        let taken = slot.lock().ok().and_then(|mut s| s.take());
+        if let Some(connected) = taken {
+            let fd = connected?.into_raw_fd();
+            // SAFETY: `fd` is a connected TCP socket released by its only owner just above.
+            return Ok(unsafe { TcpStream::from_raw_fd(fd) });
+        }
+        listener.await;
+    }
 }
 
 /// Answers requests to node `node` arriving on `listener` with `handler` until `shutdown` is
