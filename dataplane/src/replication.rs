@@ -489,11 +489,6 @@ impl<T: Transport + 'static> ReplicaSet<T> {
         })
     }
 
-    /// The replicas.
-    pub fn peers(&self) -> &[NodeId] {
-        &self.peers
-    }
-
     /// Whether a replica refused this owner's epoch (it must stop serving the vdisk).
     pub fn is_fenced(&self) -> bool {
         self.fenced.get()
@@ -501,8 +496,7 @@ impl<T: Transport + 'static> ReplicaSet<T> {
 
     /// Sends `change` to one replica, retrying while it is unreachable (up to
     /// [`PEER_RETRY_FOR`]).
-    pub async fn send_to(&self, peer: NodeId, change: &ReplicaOp) -> Result<Vec<u8>, ReplicaError> {
-        let request = change.to_message(self.vdisk, self.epoch);
+    async fn send_to(&self, peer: NodeId, request: &Message) -> Result<Vec<u8>, ReplicaError> {
         let deadline = std::time::Instant::now() + self.retry_for;
         let fail = |why: String| ReplicaError::Peer {
             vdisk: self.vdisk,
@@ -546,6 +540,8 @@ impl<T: Transport + 'static> ReplicaSet<T> {
     /// Sends `change` to every replica at once; succeeds when all have it. A READ goes to one
     /// replica after the other until one answers, and returns its data.
     pub async fn send(&self, change: &ReplicaOp) -> Result<Vec<u8>, ReplicaError> {
+        // Encoded once for every replica (a batch or a 1 MiB run is copied into it once).
+        let request = change.to_message(self.vdisk, self.epoch);
         if self.fenced.get() {
             return Err(ReplicaError::Fenced {
                 vdisk: self.vdisk,
@@ -557,7 +553,7 @@ impl<T: Transport + 'static> ReplicaSet<T> {
         if let ReplicaOp::Read { .. } | ReplicaOp::OplogRead { .. } = change {
             let mut last = None;
             for &p in &self.peers {
-                match self.send_to(p, change).await {
+                match self.send_to(p, &request).await {
                     Ok(data) => return Ok(data),
                     Err(e) => last = Some(e),
                 }
@@ -568,7 +564,7 @@ impl<T: Transport + 'static> ReplicaSet<T> {
                 why: "no replicas".into(),
             }));
         }
-        let sends = self.peers.iter().map(|&p| self.send_to(p, change));
+        let sends = self.peers.iter().map(|&p| self.send_to(p, &request));
         for r in futures_util::future::join_all(sends).await {
             r?;
         }
@@ -681,13 +677,7 @@ impl<D: BlockDevice + 'static, M: MetadataStore + 'static> ReplicaHost<D, M> {
         }
         // Freed with no await in between the check and the frees: a stream that starts later
         // (RESET) finds the device without the copy, as it would after its own RESET.
-        let mut freed = 0;
-        for e in self.store.egroups() {
-            if (e.egid & !OPLOG_EGID_BIT) >> 24 == vdisk {
-                self.store.free(e.egid)?;
-                freed += 1;
-            }
-        }
+        let freed = free_now(&self.store, vdisk)?;
         if freed > 0 {
             self.store.flush().await?;
         }
@@ -702,14 +692,6 @@ impl<D: BlockDevice + 'static, M: MetadataStore + 'static> ReplicaHost<D, M> {
     /// Forgets `vdisk` (deleted, or served here no longer): the next request re-reads its record.
     pub fn forget(&self, vdisk: u64) {
         self.vdisks.borrow_mut().remove(&vdisk);
-    }
-
-    /// Whether this node holds a replica of `vdisk` open.
-    pub fn holds(&self, vdisk: u64) -> bool {
-        self.vdisks
-            .borrow()
-            .get(&vdisk)
-            .is_some_and(|r| !r.taken_over)
     }
 
     /// Checks that `from` owns `vdisk` at `epoch`, re-reading the ownership record when the
@@ -956,15 +938,21 @@ pub async fn free_vdisk_egroups<D: BlockDevice>(
     store: &BlockStore<D>,
     vdisk: u64,
 ) -> Result<usize, StoreError> {
+    let freed = free_now(store, vdisk)?;
+    if freed > 0 {
+        store.flush().await?;
+    }
+    Ok(freed)
+}
+
+/// Frees every extent group of `vdisk` on `store` (not yet durable: flush after).
+fn free_now<D: BlockDevice>(store: &BlockStore<D>, vdisk: u64) -> Result<usize, StoreError> {
     let mut freed = 0;
     for e in store.egroups() {
         if (e.egid & !OPLOG_EGID_BIT) >> 24 == vdisk {
             store.free(e.egid)?;
             freed += 1;
         }
-    }
-    if freed > 0 {
-        store.flush().await?;
     }
     Ok(freed)
 }

@@ -142,17 +142,9 @@ pub async fn purge<D: BlockDevice, M: MetadataStore>(
     meta: &M,
     vdisk: u64,
 ) -> Result<usize, PurgeError> {
-    let store_err = |source| PurgeError::Store { vdisk, source };
-    let mut freed = 0;
-    for e in store.egroups() {
-        if (e.egid & !oplog::OPLOG_EGID_BIT) >> 24 == vdisk {
-            store.free(e.egid).map_err(store_err)?;
-            freed += 1;
-        }
-    }
-    if freed > 0 {
-        store.flush().await.map_err(store_err)?;
-    }
+    let freed = crate::replication::free_vdisk_egroups(store, vdisk)
+        .await
+        .map_err(|source| PurgeError::Store { vdisk, source })?;
     // The data is gone before the map that pointed at it: a crash in between leaves keys of a
     // deleted vdisk (removed on the next purge), never a map pointing at reused space of a live
     // vdisk (extent group ids carry their vdisk's id).

@@ -51,16 +51,32 @@ async fn open<D: BlockDevice>(
         .expect("open vdisk")
 }
 
-/// A freshly formatted 64 MiB in-memory device.
-async fn formatted_mem_device() -> Rc<MemDevice> {
-    let dev = Rc::new(MemDevice::new("vd", 64 << 20, 4096));
-    BlockStore::format(dev.clone(), &format_opts())
-        .await
-        .unwrap()
-        .close()
-        .await
-        .unwrap();
+/// A freshly formatted 64 MiB in-memory device with format uuid `uuid`.
+async fn formatted_device(name: &str, uuid: u128) -> Rc<MemDevice> {
+    let dev = Rc::new(MemDevice::new(name, 64 << 20, 4096));
+    BlockStore::format(
+        dev.clone(),
+        &FormatOptions {
+            uuid: Some(uuid),
+            ..format_opts()
+        },
+    )
+    .await
+    .unwrap()
+    .close()
+    .await
+    .unwrap();
     dev
+}
+
+/// A freshly formatted 64 MiB in-memory device (the owner's, uuid 42).
+async fn formatted_mem_device() -> Rc<MemDevice> {
+    formatted_device("vd", 42).await
+}
+
+/// Another one with another format uuid (a replica's).
+async fn formatted_replica_device() -> Rc<MemDevice> {
+    formatted_device("replica", 43).await
 }
 
 fn fill(rng: &mut ChaCha8Rng, len: usize) -> Vec<u8> {
@@ -390,19 +406,7 @@ fn a_replica_oplog_replays_on_its_own_device_after_failover() {
     block_on(async {
         let mut rng = ChaCha8Rng::seed_from_u64(21);
         let dev_a = formatted_mem_device().await;
-        let dev_b = Rc::new(MemDevice::new("replica", 64 << 20, 4096));
-        BlockStore::format(
-            dev_b.clone(),
-            &FormatOptions {
-                uuid: Some(43),
-                ..format_opts()
-            },
-        )
-        .await
-        .unwrap()
-        .close()
-        .await
-        .unwrap();
+        let dev_b = formatted_replica_device().await;
         let meta = Rc::new(MemMetadataStore::new());
         let store_b = Rc::new(BlockStore::open(dev_b.clone()).await.unwrap());
         let replica = Rc::new(
@@ -491,19 +495,7 @@ fn a_replica_host_holds_everything_acknowledged_and_fences_the_old_owner() {
     block_on(async {
         let mut rng = ChaCha8Rng::seed_from_u64(77);
         let dev_a = formatted_mem_device().await;
-        let dev_b = Rc::new(MemDevice::new("replica", 64 << 20, 4096));
-        BlockStore::format(
-            dev_b.clone(),
-            &FormatOptions {
-                uuid: Some(43),
-                ..format_opts()
-            },
-        )
-        .await
-        .unwrap()
-        .close()
-        .await
-        .unwrap();
+        let dev_b = formatted_replica_device().await;
         let meta = Rc::new(MemMetadataStore::new());
         let record = |node: u64, uuid: u128, epoch: u64, replicas: Vec<u64>| {
             Ownership {
