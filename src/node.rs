@@ -103,8 +103,11 @@ struct CoreExports {
     local: Rc<RefCell<HashMap<u64, Rc<Disk>>>>,
     all: RefCell<Vec<Export>>,
     mesh: dataplane::mesh::CoreMesh,
-    /// Vdisks other nodes serve: name -> the owner's frontends (login redirects, NBD hints).
+    /// Vdisks other nodes serve: name -> the owner's frontends (login redirects, NBD
+    /// forwarding).
     remote: RefCell<HashMap<String, Frontends>>,
+    /// The address connections to other nodes leave from.
+    local_ip: Option<std::net::IpAddr>,
 }
 
 impl Exports for CoreExports {
@@ -132,6 +135,10 @@ impl Exports for CoreExports {
 
     fn nbd_address_of(&self, name: &str) -> Option<String> {
         self.remote.borrow().get(name).map(|f| f.nbd.clone())
+    }
+
+    fn local_ip(&self) -> Option<std::net::IpAddr> {
+        self.local_ip
     }
 
     fn served_elsewhere(&self) -> Vec<(String, String)> {
@@ -1254,6 +1261,7 @@ async fn run_core(
             .filter(|ip| !ip.is_unspecified()),
         ..TcpConfig::default()
     };
+    let local_ip = tcp.local_ip;
     let transport = Rc::new(TcpTransport::new(node_id, tcp));
     // Core 0 keeps the replicas of other nodes' vdisks, on its first device.
     let host = (core == 0)
@@ -1277,6 +1285,7 @@ async fn run_core(
         all: RefCell::new(Vec::new()),
         mesh,
         remote: RefCell::default(),
+        local_ip,
     });
     let vdisks = Rc::new(CoreVdisks {
         meta: Rc::new(setup.meta.clone()),

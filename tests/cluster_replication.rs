@@ -148,12 +148,13 @@ fn cluster_with(dir: &Path, ips: &[&str], keys: &str, tables: &str) -> Vec<DataN
         .collect()
 }
 
-/// Connects to whichever of `addrs` serves vd0, trying for up to `limit`.
+/// Connects to whichever of `addrs` serves vd0 itself (not forwarding), trying for up to
+/// `limit`.
 fn connect_owner(addrs: &[String], limit: Duration) -> Option<(String, Client)> {
     let deadline = Instant::now() + limit;
     loop {
         for a in addrs {
-            if let Ok(c) = Client::connect_to(a, "vd0") {
+            if let Ok(c) = Client::connect_direct(a, "vd0") {
                 return Some((a.clone(), c));
             }
         }
@@ -189,9 +190,22 @@ fn start_load(records: &[Arc<Mutex<Record>>], addrs: &[String], round: u64) -> L
                 let mut client: Option<Client> = None;
                 let mut x = ((w as u64 + 1) * 0x2545_F491_4F6C_DD1D) ^ (round + 1);
                 let mut n = 0u64;
+                // Odd writers are hosts that connect to any node and are forwarded to the
+                // owner; each reconnect tries the next node.
+                let mut next_node = w;
                 while !stop.load(Ordering::SeqCst) {
                     let mut c = match client.take() {
                         Some(c) => c,
+                        None if w % 2 == 1 => {
+                            next_node += 1;
+                            match Client::connect_to(&addrs[next_node % addrs.len()], "vd0") {
+                                Ok(c) => c,
+                                Err(_) => {
+                                    std::thread::sleep(Duration::from_millis(50));
+                                    continue;
+                                }
+                            }
+                        }
                         None => match connect_owner(&addrs, Duration::from_secs(1)) {
                             Some((_, c)) => c,
                             None => continue,
@@ -427,8 +441,9 @@ fn an_initiator_at_another_node_is_redirected(nodes: &[DataNode], owner: usize) 
                 nodes[other].id,
                 nodes[owner].iscsi
             );
-            // NBD has no redirect: the refusal names the owner's address.
-            let said = match Client::connect_to(&nodes[other].nbd, "vd0") {
+            // NBD has no redirect: the node forwards the session to the owner, and a session
+            // that is itself forwarded is refused with the owner's address (no forwarding loop).
+            let said = match Client::connect_direct(&nodes[other].nbd, "vd0") {
                 Ok(_) => panic!("node {} serves vd0", nodes[other].id),
                 Err(e) => e.to_string(),
             };
@@ -440,6 +455,7 @@ fn an_initiator_at_another_node_is_redirected(nodes: &[DataNode], owner: usize) 
                 "NBD at node {}: {said}",
                 nodes[other].id
             );
+            an_nbd_host_at_another_node_is_forwarded(nodes, owner, other);
             println!(
                 "iSCSI: login at node {} for vd0 redirected to node {}: {}",
                 nodes[other].id,
@@ -459,6 +475,45 @@ fn an_initiator_at_another_node_is_redirected(nodes: &[DataNode], owner: usize) 
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// A host's NBD session at a node that does not serve vd0 is forwarded to the owner: writes
+/// through it read back at the owner and the other way round, and nbdinfo sees the owner's
+/// export.
+fn an_nbd_host_at_another_node_is_forwarded(nodes: &[DataNode], owner: usize, other: usize) {
+    let mut via = Client::connect_to(&nodes[other].nbd, "vd0").expect("forwarded session");
+    let mut direct = Client::connect_direct(&nodes[owner].nbd, "vd0").expect("owner session");
+    let off = 200 << 20;
+    via.request(CMD_WRITE, off, 4096, Some(&block(0xF0F0)))
+        .expect("write through the forwarding node");
+    assert_eq!(
+        direct.request(CMD_READ, off, 4096, None).unwrap(),
+        block(0xF0F0)
+    );
+    direct
+        .request(CMD_WRITE, off + 4096, 4096, Some(&block(0x0F0F)))
+        .unwrap();
+    assert_eq!(
+        via.request(CMD_READ, off + 4096, 4096, None).unwrap(),
+        block(0x0F0F)
+    );
+    if common::have("nbdinfo") {
+        let out = Command::new("nbdinfo")
+            .arg(format!("nbd://{}/vd0", nodes[other].nbd))
+            .output()
+            .expect("run nbdinfo");
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("export-size: 268435456"),
+            "nbdinfo through node {}: {text}{}",
+            nodes[other].id,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    println!(
+        "NBD: a session at node {} for vd0 is forwarded to node {} (reads, writes, nbdinfo)",
+        nodes[other].id, nodes[owner].id
+    );
 }
 
 /// fio's job for the verify phase: 4 KiB random writes over 32 MiB at 64 MiB (away from the
@@ -543,15 +598,21 @@ fn rf2_survives_the_loss_of_the_owner_and_of_a_replica() {
         );
         assert_ne!(now, owner);
         if fio && round == 0 {
-            let out = fio_job(&nodes[now].nbd, true);
+            // Through the node that is neither the old owner (dead) nor the new one: the
+            // session is forwarded to the new owner.
+            let third = (0..nodes.len()).find(|&i| i != owner && i != now).unwrap();
+            let out = fio_job(&nodes[third].nbd, true);
             let text = String::from_utf8_lossy(&out.stdout);
             assert!(
                 out.status.success() && text.contains("err= 0"),
-                "fio verify through the new owner: {text}{}",
+                "fio verify through node {} (forwarded to the new owner): {text}{}",
+                nodes[third].id,
                 String::from_utf8_lossy(&out.stderr)
             );
             println!(
-                "fio: 32 MiB written through the old owner verified (crc32c) through the new one"
+                "fio: 32 MiB written through the old owner verified (crc32c) through node {}, \
+                 forwarded to the new owner",
+                nodes[third].id
             );
         }
         // The old owner comes back; it does not serve vd0 any more.
@@ -560,7 +621,7 @@ fn rf2_survives_the_loss_of_the_owner_and_of_a_replica() {
         runs[owner] += 1;
         nodes[owner].wait_ready(runs[owner]);
         assert!(
-            Client::connect_to(&nodes[owner].nbd, "vd0").is_err(),
+            Client::connect_direct(&nodes[owner].nbd, "vd0").is_err(),
             "the old owner serves vd0 again"
         );
         // Its stale copy is freed.
@@ -663,7 +724,7 @@ fn a_partitioned_owner_is_fenced_and_the_majority_serves() {
     cut.heal();
     std::thread::sleep(Duration::from_secs(3));
     assert!(
-        Client::connect_to(&nodes[owner].nbd, "vd0").is_err(),
+        Client::connect_direct(&nodes[owner].nbd, "vd0").is_err(),
         "the fenced owner serves vd0 after healing"
     );
     assert_eq!(verify(&records, &addrs), checked);

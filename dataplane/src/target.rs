@@ -108,8 +108,13 @@ pub trait Exports {
         None
     }
     /// Where NBD hosts find `name` when another node serves it (`host:port`). NBD has no
-    /// redirect: the refusal names it.
+    /// redirect: the session is forwarded there (or, for a session that is itself forwarded,
+    /// the refusal names it).
     fn nbd_address_of(&self, _name: &str) -> Option<String> {
+        None
+    }
+    /// The address forwarded sessions leave from (`None`: the kernel's choice).
+    fn local_ip(&self) -> Option<std::net::IpAddr> {
         None
     }
     /// The exports other nodes serve, with their iSCSI portals (for SendTargets).

@@ -19,8 +19,19 @@ impl Client {
         Self::connect_to(&format!("127.0.0.1:{port}"), "vd0")
     }
 
-    /// Connects to `export` at `addr`; an error if the server does not serve it.
+    /// Connects to `export` at `addr` (a Cairn node forwards it to the node that serves it).
     pub fn connect_to(addr: &str, export: &str) -> std::io::Result<Client> {
+        Self::open(addr, export, false)
+    }
+
+    /// Connects to `export` at `addr` only if that node serves it itself: the session is
+    /// marked as already forwarded (Cairn's `OPT_CAIRN_PROXIED`), so a node that does not own
+    /// the export refuses it, naming the owner.
+    pub fn connect_direct(addr: &str, export: &str) -> std::io::Result<Client> {
+        Self::open(addr, export, true)
+    }
+
+    fn open(addr: &str, export: &str, direct: bool) -> std::io::Result<Client> {
         let mut s = TcpStream::connect(addr)?;
         s.set_nodelay(true)?;
         s.set_read_timeout(Some(Duration::from_secs(60)))?;
@@ -32,6 +43,11 @@ impl Client {
         s.write_all(&3u32.to_be_bytes())?; // FIXED_NEWSTYLE | NO_ZEROES
         let name = export.as_bytes();
         let mut opt = Vec::new();
+        if direct {
+            opt.extend_from_slice(&0x4948_4156_454F_5054u64.to_be_bytes());
+            opt.extend_from_slice(&0x4341_4952u32.to_be_bytes()); // OPT_CAIRN_PROXIED
+            opt.extend_from_slice(&0u32.to_be_bytes());
+        }
         opt.extend_from_slice(&0x4948_4156_454F_5054u64.to_be_bytes());
         opt.extend_from_slice(&7u32.to_be_bytes()); // NBD_OPT_GO
         opt.extend_from_slice(&(4 + name.len() as u32 + 2).to_be_bytes());
@@ -46,9 +62,11 @@ impl Client {
             let len = u32::from_be_bytes(h[16..20].try_into().unwrap());
             let mut data = vec![0u8; len as usize];
             s.read_exact(&mut data)?;
+            let option = u32::from_be_bytes(h[8..12].try_into().unwrap());
             match reply {
-                1 => break,    // NBD_REP_ACK
-                3 => continue, // NBD_REP_INFO
+                1 if option == 0x4341_4952 => continue, // the marker's ACK
+                1 => break,                             // NBD_REP_ACK
+                3 => continue,                          // NBD_REP_INFO
                 other => {
                     return Err(std::io::Error::other(format!(
                         "option GO for {export} refused: reply {other:#x}: {}",

@@ -33,7 +33,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SharedStream<S> {
         }
     }
 
-    async fn read_some(&self, buf: &mut [u8]) -> io::Result<usize> {
+    /// Reads what is available (at least one byte); `Ok(0)` when the peer closed.
+    pub(crate) async fn read_some(&self, buf: &mut [u8]) -> io::Result<usize> {
         poll_fn(|cx| Pin::new(&mut *self.inner.borrow_mut()).poll_read(cx, buf)).await
     }
 
@@ -90,6 +91,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> SharedStream<S> {
     /// Flushes anything the stream buffers (a no-op for glommio sockets, kept for generality).
     pub(crate) async fn flush(&self) -> io::Result<()> {
         poll_fn(|cx| Pin::new(&mut *self.inner.borrow_mut()).poll_flush(cx)).await
+    }
+
+    /// Closes the sending side (for a glommio socket: `shutdown(SHUT_WR)`); reads go on.
+    pub(crate) async fn close(&self) -> io::Result<()> {
+        poll_fn(|cx| Pin::new(&mut *self.inner.borrow_mut()).poll_close(cx)).await
     }
 }
 

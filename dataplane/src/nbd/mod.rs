@@ -13,6 +13,7 @@
 //! * `transmission`: a connection's reader, workers and writer, with per-connection
 //!   back-pressure (request slots and a buffer byte budget) and reply batching.
 //! * `server`: [`serve`] and [`handle_connection`], the error types and [`Shutdown`].
+//! * `proxy`: a session for an export another node serves, forwarded to that node.
 //!
 //! Everything runs on the executor of the core that owns the exports: futures are not `Send`,
 //! and a connection never crosses cores once its socket is handed over.
@@ -20,10 +21,12 @@
 mod handshake;
 pub(crate) mod io;
 pub mod proto;
+mod proxy;
 mod server;
 mod transmission;
 
 pub use handshake::MAX_OPTION_DATA_BYTES;
+pub use proxy::{OPT_CAIRN_PROXIED, UPSTREAM_OPEN_TIMEOUT, UpstreamError};
 pub(crate) use server::accept_connections;
 pub use server::{
     HandshakeError, MAX_CONNECTIONS, NbdError, ServeError, ServeSummary, Shutdown,

@@ -16,9 +16,10 @@ use futures_lite::io::{AsyncRead, AsyncWrite};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::sync::Semaphore;
 
-use super::handshake;
+use super::handshake::{self, Entered};
 use super::io::{SharedStream, Signal};
 use super::proto::{GeometryError, HandshakeParseError, OptionDataError, RequestMagicError};
+use super::proxy;
 use super::transmission;
 use crate::target::Exports;
 
@@ -102,6 +103,15 @@ pub enum HandshakeError {
     BlockSizeRequired {
         /// Requested name.
         name: String,
+    },
+    /// `NBD_OPT_EXPORT_NAME` named an export another node serves, which could not be opened
+    /// there.
+    #[error("NBD_OPT_EXPORT_NAME: export {name:?} could not be forwarded: {source}")]
+    Forward {
+        /// Requested name.
+        name: String,
+        /// Why.
+        source: super::proxy::UpstreamError,
     },
     /// The export's target reports block sizes NBD cannot advertise.
     #[error("NBD_OPT_EXPORT_NAME: export {name:?} has unusable block sizes: {source}")]
@@ -302,6 +312,13 @@ where
         return Ok(());
     };
     drop(exports);
-    transmission::run(stream, chosen.target, chosen.geometry, &shutdown).await?;
+    match chosen {
+        Entered::Local(chosen) => {
+            transmission::run(stream, chosen.target, chosen.geometry, &shutdown).await?;
+        }
+        Entered::Forwarded(upstream) => proxy::relay(&stream, upstream, &shutdown)
+            .await
+            .map_err(TransmissionError::Io)?,
+    }
     Ok(())
 }

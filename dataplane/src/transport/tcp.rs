@@ -720,7 +720,7 @@ pub enum ServeError {
 /// makes them). Not glommio's `spawn_blocking`: its pool also runs the node's metadata calls,
 /// which can block for seconds while a raft group elects a leader, and a connect queued
 /// behind them missed every ping's deadline (a partition test saw a new owner find no replica).
-async fn connect_from(
+pub(crate) async fn connect_from(
     ip: std::net::IpAddr,
     to: SocketAddr,
     limit: Duration,
