@@ -730,19 +730,33 @@ fn node_add_and_remove_move_voters_and_lose_no_key() {
         &all,
         &["node", "add", "--id", "4", "--address", &addr4.to_string()],
     );
-    // Four nodes: still three voters a group; the new node is a learner of every group.
-    let joined = wait_status(&all, Duration::from_secs(60), "node 4 joins", |s| {
+    // Four nodes: still three voters a group. The config group is on every node (node 4 as a
+    // learner); each metadata shard is on exactly three nodes, and moves to node 4 only where
+    // placement wants it there.
+    let joined = wait_status(&all, Duration::from_secs(90), "node 4 joins", |s| {
         let up = s["nodes"]
             .as_array()
             .unwrap()
             .iter()
             .any(|n| n["node_id"] == 4 && n["state"] == "up");
-        up && membership(s).values().all(|(voters, learners, leader)| {
-            *leader != 0 && voters.len() == 3 && (voters.contains(&4) || learners.contains(&4))
-        })
+        up && membership(s).iter().all(|(g, (voters, learners, leader))| {
+            let placed = if *g == 0 {
+                voters.contains(&4) || learners.contains(&4)
+            } else {
+                learners.is_empty()
+            };
+            *leader != 0 && voters.len() == 3 && placed
+        }) && membership(s)
+            .iter()
+            .any(|(g, (voters, _, _))| *g != 0 && voters.contains(&4))
     });
+    let on_4 = membership(&joined)
+        .iter()
+        .filter(|(g, (voters, _, _))| **g != 0 && voters.contains(&4))
+        .count();
     println!(
-        "membership: node 4 joined after {:.1} s: {:?}",
+        "membership: node 4 joined after {:.1} s and hosts {on_4} of {SHARDS} shards (each \
+         shard on 3 nodes): {:?}",
         t0.elapsed().as_secs_f64(),
         membership(&joined)
     );

@@ -7,6 +7,7 @@
 //!  disk/<node id, 20 digits>/<path>     DiskRecord (what the node reports, kept by the leader)
 //!  container/<name>                     ContainerRecord
 //!  vdisk/<container>/<name>             VdiskRecord
+//!  shard/<group id, 20 digits>          ShardRecord (the shard directory, kept by the leader)
 //!  counter/container_id, counter/vdisk_id   u64, the last id handed out
 //! ```
 //!
@@ -63,6 +64,30 @@ pub struct NodeRecord {
     pub block: String,
     /// Rack name.
     pub rack: String,
+}
+
+/// Where a metadata shard lives: the nodes that host it and its leader, as the shard's leader
+/// last reported them (the shard directory). A node that does not host a shard finds its
+/// leader here; the config leader rewrites a record when a newer term or membership is seen.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardRecord {
+    /// The shard's raft group.
+    pub group_id: crate::GroupId,
+    /// Its leader when reported.
+    pub leader: NodeId,
+    /// The leader's term.
+    pub term: u64,
+    /// Voting members.
+    pub voters: Vec<NodeId>,
+    /// Non-voting members (being caught up to take a voter's place).
+    pub learners: Vec<NodeId>,
+}
+
+impl ShardRecord {
+    /// Whether `node` holds a replica of the shard.
+    pub fn hosts(&self, node: NodeId) -> bool {
+        self.voters.contains(&node) || self.learners.contains(&node)
+    }
 }
 
 /// A disk (device) of a node, with its tier.
@@ -259,6 +284,11 @@ impl From<ConfigError> for tonic::Status {
 
 fn node_key(id: NodeId) -> Vec<u8> {
     format!("node/{id:020}").into_bytes()
+}
+/// Key prefix of the shard directory.
+pub const SHARD_PREFIX: &[u8] = b"shard/";
+fn shard_key(group: crate::GroupId) -> Vec<u8> {
+    format!("shard/{group:020}").into_bytes()
 }
 fn disk_prefix(node: NodeId) -> Vec<u8> {
     format!("disk/{node:020}/").into_bytes()
@@ -514,6 +544,29 @@ impl ConfigStore {
                 expect: Expect::Version(found.version),
             }])
             .await
+        })
+        .await
+    }
+
+    /// Records where a shard lives, unless the record holds a newer term already. Returns
+    /// whether it wrote.
+    pub async fn set_shard(&self, shard: &ShardRecord) -> Result<bool, ConfigError> {
+        let name = format!("shard {}", shard.group_id);
+        self.retrying(RecordKind::Node, &name, || async {
+            let key = shard_key(shard.group_id);
+            let found = self.read::<ShardRecord>(&key).await?;
+            let expect = match &found {
+                Some(f) if f.record == *shard || f.record.term > shard.term => {
+                    return Ok(Attempt::Done(false));
+                }
+                Some(f) => Expect::Version(f.version),
+                None => Expect::Absent,
+            };
+            let value = encode(shard);
+            match self.commit(vec![KvOp::Put { key, value, expect }]).await? {
+                Attempt::Done(_) => Ok(Attempt::Done(true)),
+                Attempt::Retry => Ok(Attempt::Retry),
+            }
         })
         .await
     }

@@ -16,13 +16,22 @@
 //!   contacted. Start every founder with the same list.
 //! * `join`: the node initializes nothing and waits for a `NodeService.AddNode` on the cluster.
 //!
-//! Every node hosts a replica of every group. Membership follows the node records of the config
-//! store through a *reconciler* that runs on every node, once a second and after every
-//! AddNode/RemoveNode, for the groups the node leads: recorded nodes that are not members
-//! become learners, caught-up learners are promoted until the group has
-//! [`voter_target`] voters (1 for 1-2 nodes, 3 from 3 nodes, 5 from 5 nodes at fault tolerance
-//! 2), and members without a record are removed. Voter sets only ever change whole (never to a
-//! transient 2 when growing 1 → 3), one change per group per pass.
+//! Membership follows the node records of the config store through a *reconciler* that runs on
+//! every node, once a second and after every AddNode/RemoveNode, for the groups the node leads.
+//! A group's voters are [`voter_target`] nodes (1 for 1-2 nodes, 3 from 3 nodes, 5 from 5
+//! nodes at fault tolerance 2) placed by [`crate::placement`]; voter sets only ever change
+//! whole (never to a transient 2 when growing 1 → 3), one change per group per pass.
+//!
+//! * The config group is hosted by every node: its voters, and every other recorded node as a
+//!   learner (the configuration is small, and every node reads it locally).
+//! * A metadata shard is hosted only by its voters, plus the nodes placement wants as voters
+//!   that are not yet: those join as learners, catch up, are promoted, and the voter they
+//!   replace is then removed from the group. So a shard lives on 3 nodes (5 at fault tolerance
+//!   2), and adding or removing a node moves only the shards whose placement changes.
+//! * The *shard directory* (`shard/<id>` records of the config store) says which nodes host
+//!   each shard and which leads it: every node reports the groups it leads
+//!   (`NodeInfo.led_groups`), and the config leader records the newest. A node asked about a
+//!   shard it does not host forwards the call to the leader the directory names.
 //!
 //! # Leaders and forwarding
 //!
@@ -65,12 +74,12 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
 use crate::config_store::{
-    Compression, ConfigError, ContainerRecord, ContainerSettings, DiskRecord, NodeRecord, Stored,
-    VdiskRecord,
+    Compression, ConfigError, ContainerRecord, ContainerSettings, DiskRecord, NodeRecord,
+    SHARD_PREFIX, ShardRecord, Stored, VdiskRecord,
 };
 use crate::grpc::{GrpcTransport, RaftGrpcService};
 use crate::kv::{Expect, KvOp, Versioned};
-use crate::placement::{NodePlace, plan_voters};
+use crate::placement::{NodePlace, ideal_voters, plan_voters};
 use crate::status::{FORWARDED_KEY, RETRYABLE_KEY, ServeError, config_error, group_error};
 use crate::{
     ConfigStore, GroupError, GroupId, GroupOptions, MetadataRing, NodeId, RaftGroup, RaftRegistry,
@@ -221,6 +230,8 @@ pub struct ConfigView {
     pub vdisks: Vec<Stored<VdiskRecord>>,
     /// Disks of every node with their tiers, by node then path.
     pub disks: Vec<Stored<DiskRecord>>,
+    /// The shard directory: where each metadata shard lives and who leads it.
+    pub shards: Vec<Stored<ShardRecord>>,
 }
 
 /// Starts a node's control plane.
@@ -629,6 +640,7 @@ impl Node {
             containers: self.local_records(b"container/").await?,
             vdisks: self.local_records(b"vdisk/").await?,
             disks: self.local_records(b"disk/").await?,
+            shards: self.local_records(SHARD_PREFIX).await?,
         })
     }
 
@@ -765,6 +777,9 @@ impl Node {
                 }
             }
         }
+        if config_metrics.state == ServerState::Leader {
+            self.record_shard_directory(&infos).await;
+        }
         let wanted: BTreeMap<NodeId, String> = nodes
             .into_iter()
             .map(|s| (s.record.node_id, s.record.control_addr))
@@ -778,6 +793,123 @@ impl Node {
                 );
             }
         }
+    }
+
+    /// The config leader's part of the shard directory: each shard as its newest leader (by
+    /// term) reports it, this node's own reports and those of the nodes probed (`infos`);
+    /// writes only records that changed.
+    async fn record_shard_directory(&self, infos: &HashMap<NodeId, pb::NodeInfo>) {
+        let mut newest: BTreeMap<GroupId, ShardRecord> = BTreeMap::new();
+        let reports = infos
+            .iter()
+            .map(|(&id, i)| (id, i.led_groups.clone()))
+            .chain(std::iter::once((self.node_id, self.led_groups())));
+        for (leader, groups) in reports {
+            for g in groups {
+                if g.group_id == CONFIG_GROUP || !self.shards.contains_key(&g.group_id) {
+                    continue;
+                }
+                let record = ShardRecord {
+                    group_id: g.group_id,
+                    leader,
+                    term: g.term,
+                    voters: g.voters,
+                    learners: g.learners,
+                };
+                match newest.get(&g.group_id) {
+                    Some(r) if r.term >= record.term => {}
+                    _ => {
+                        newest.insert(g.group_id, record);
+                    }
+                }
+            }
+        }
+        for record in newest.into_values() {
+            let unchanged = self
+                .config_tx
+                .borrow()
+                .shards
+                .iter()
+                .any(|s| s.record == record);
+            if unchanged {
+                continue;
+            }
+            if let Err(e) = self.config.set_shard(&record).await {
+                eprintln!(
+                    "cairn control plane: node {}: recording shard {} in the directory: {e}",
+                    self.node_id, record.group_id
+                );
+            }
+        }
+    }
+
+    /// The groups this node leads, with their membership.
+    fn led_groups(&self) -> Vec<pb::LedGroup> {
+        self.all_groups()
+            .filter_map(|g| {
+                let m = g.metrics();
+                if m.state != ServerState::Leader {
+                    return None;
+                }
+                let membership = m.membership_config.membership();
+                Some(pb::LedGroup {
+                    group_id: g.group_id(),
+                    term: m.current_term,
+                    voters: membership.voter_ids().collect(),
+                    learners: membership.learner_ids().collect(),
+                })
+            })
+            .collect()
+    }
+
+    /// The directory's record of `shard` if it says this node does not host the shard.
+    fn shard_elsewhere(&self, shard: GroupId) -> Option<ShardRecord> {
+        let view = self.config_tx.borrow();
+        let record = &view
+            .shards
+            .iter()
+            .find(|s| s.record.group_id == shard)?
+            .record;
+        (!record.hosts(self.node_id)).then(|| record.clone())
+    }
+
+    /// For a metadata shard this node does not host (as the directory says): the error that
+    /// sends a call to the shard's leader. `None`: hosted here (or not in the directory yet),
+    /// so the local replica answers or names its leader.
+    fn not_hosted(&self, shard: GroupId) -> Option<ServeError> {
+        let record = self.shard_elsewhere(shard)?;
+        let view = self.config_tx.borrow();
+        let leader = view
+            .nodes
+            .iter()
+            .find(|n| n.record.node_id == record.leader && record.leader != self.node_id)
+            .map(|n| n.record.control_addr.clone());
+        Some(match leader {
+            Some(leader_addr) => ServeError::NotLeader {
+                group_id: shard,
+                node_id: self.node_id,
+                leader_addr,
+            },
+            None => ServeError::Status(crate::status::retryable(Status::unavailable(format!(
+                "metadata shard {shard} is not hosted on node {} and the directory names no \
+                 reachable leader for it (node {})",
+                self.node_id, record.leader
+            )))),
+        })
+    }
+
+    /// A shard's status as the directory has it (for a shard this node does not host).
+    fn directory_status(&self, shard: GroupId) -> Option<pb::GroupStatus> {
+        let r = self.shard_elsewhere(shard)?;
+        Some(pb::GroupStatus {
+            group_id: shard,
+            leader: r.leader,
+            term: r.term,
+            voters: r.voters.clone(),
+            learners: r.learners.clone(),
+            applied_index: 0,
+            healthy: r.leader != 0,
+        })
     }
 
     /// Makes node `node_id`'s disk records what it reports (writes only when they differ).
@@ -929,13 +1061,28 @@ async fn reconcile_group(
     let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
     let members: BTreeSet<NodeId> = membership.nodes().map(|(id, _)| *id).collect();
     let raft = group.raft();
-    if let Some((&id, addr)) = wanted.iter().find(|(id, _)| !members.contains(id)) {
+    let target = voter_target(wanted.len(), fault_tolerance);
+    // Who should hold a replica: every recorded node for the config group; for a shard, its
+    // voters and the live nodes placement wants as voters (which join as learners first).
+    let hosts: BTreeSet<NodeId> = if group.group_id() == CONFIG_GROUP {
+        wanted.keys().copied().collect()
+    } else {
+        let up: Vec<NodePlace> = places.iter().filter(|p| p.up).cloned().collect();
+        ideal_voters(group.group_id(), &up, target)
+            .into_iter()
+            .chain(voters.iter().copied())
+            .filter(|id| wanted.contains_key(id))
+            .collect()
+    };
+    if let Some((&id, addr)) = wanted
+        .iter()
+        .find(|(id, _)| hosts.contains(id) && !members.contains(id))
+    {
         raft.add_learner(id, BasicNode { addr: addr.clone() }, false)
             .await
             .map_err(|e| format!("add learner {id}: {e}"))?;
         return Ok(());
     }
-    let target = voter_target(wanted.len(), fault_tolerance);
     let last = m.last_log_index.unwrap_or(0);
     let replication = m.replication.clone().unwrap_or_default();
     let caught_up = |id: NodeId| {
@@ -966,7 +1113,7 @@ async fn reconcile_group(
     let gone: BTreeSet<NodeId> = members
         .iter()
         .copied()
-        .filter(|id| !wanted.contains_key(id) && !voters.contains(id))
+        .filter(|id| !hosts.contains(id) && !voters.contains(id))
         .collect();
     if !gone.is_empty() {
         raft.change_membership(ChangeMembers::RemoveNodes(gone.clone()), false)
@@ -1312,7 +1459,13 @@ impl Service {
             config_term: config_metrics.current_term,
             config_version: view.version,
             nodes,
-            groups: n.all_groups().map(group_status).collect(),
+            groups: n
+                .all_groups()
+                .map(|g| {
+                    n.directory_status(g.group_id())
+                        .unwrap_or_else(|| group_status(g))
+                })
+                .collect(),
             capacity: capacity
                 .into_iter()
                 .map(|(tier, (capacity_bytes, used_bytes))| pb::TierCapacity {
@@ -1335,6 +1488,7 @@ impl Service {
             block: self.0.block.clone(),
             rack: self.0.rack.clone(),
             data_addr: self.0.data_addr.clone(),
+            led_groups: self.0.led_groups(),
         }
     }
 
@@ -1509,6 +1663,9 @@ impl Service {
         req: &pb::MetaGetRequest,
     ) -> Result<pb::MetaGetResponse, ServeError> {
         let group = self.shard_of(&req.key)?;
+        if let Some(elsewhere) = self.0.not_hosted(group.group_id()) {
+            return Err(elsewhere);
+        }
         let value = group
             .get(&req.key, ReadConsistency::Linearizable)
             .await
@@ -1542,6 +1699,9 @@ impl Service {
                 crate::kv::printable_key(other.key())
             ))
             .into());
+        }
+        if let Some(elsewhere) = self.0.not_hosted(group.group_id()) {
+            return Err(elsewhere);
         }
         let version = group.apply(ops).await.map_err(|e| self.0.grp_err(e))?;
         Ok(pb::MetaApplyResponse { version })
@@ -1733,12 +1893,19 @@ impl MetadataService for Service {
         let mut entries = Vec::new();
         for shard in shards {
             let group = &self.0.shards[&shard];
-            match group.scan(&req.prefix, ReadConsistency::Linearizable).await {
+            let scanned = match self.0.not_hosted(shard) {
+                Some(elsewhere) => Err(elsewhere),
+                None => group
+                    .scan(&req.prefix, ReadConsistency::Linearizable)
+                    .await
+                    .map_err(|e| self.0.grp_err(e)),
+            };
+            match scanned {
                 Ok(found) => entries.extend(found.into_iter().map(|(key, v)| pb::MetaEntry {
                     key,
                     value: Some(versioned_to_pb(v)),
                 })),
-                Err(e) => match self.0.grp_err(e) {
+                Err(e) => match e {
                     ServeError::NotLeader { leader_addr, .. } if !forwarded => {
                         let part = pb::MetaScanRequest {
                             prefix: req.prefix.clone(),

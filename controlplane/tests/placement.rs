@@ -1,6 +1,6 @@
 //! Voter placement on a live 4-node cluster of in-process control planes: voters spread over
 //! blocks, a voter that goes down is replaced by a caught-up node, and placement is restored when
-//! it returns.
+//! it returns; metadata shards are hosted by their voters only.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::TcpListener;
@@ -62,7 +62,9 @@ async fn status(addr: &str) -> Option<pb::ClusterStatus> {
     .map(|r| r.into_inner())
 }
 
-/// Polls `addr`'s status until `ok` holds for every group's voters; returns the config voters.
+/// Polls `addr`'s status until `ok` holds for every group's voters and every metadata shard is
+/// hosted by its voters alone (no learner left over: a shard lives on 3 nodes, not on every
+/// node); returns the config voters.
 async fn wait_voters(
     addr: &str,
     what: &str,
@@ -83,7 +85,7 @@ async fn wait_voters(
             let all = s.groups.len() == SHARDS as usize + 1
                 && s.groups.iter().all(|g| {
                     let v: BTreeSet<u64> = g.voters.iter().copied().collect();
-                    ok(g.group_id, &v, &blocks)
+                    ok(g.group_id, &v, &blocks) && (g.group_id == 0 || g.learners.is_empty())
                 });
             let config: BTreeSet<u64> = s.groups[0].voters.iter().copied().collect();
             if all {

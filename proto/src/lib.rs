@@ -32,6 +32,12 @@ mod tests {
             block: "b1".into(),
             rack: "r1".into(),
             data_addr: "10.0.0.7:7200".into(),
+            led_groups: vec![super::v1::LedGroup {
+                group_id: 3,
+                term: 9,
+                voters: vec![7, 8, 9],
+                learners: vec![10],
+            }],
         };
         let bytes = info.encode_to_vec();
         assert_eq!(NodeInfo::decode(bytes.as_slice()).unwrap(), info);
