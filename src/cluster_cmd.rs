@@ -328,6 +328,8 @@ fn print_status(s: &pb::ClusterStatus, as_json: bool) {
                 "applied_index": g.applied_index, "healthy": g.healthy})).collect::<Vec<_>>(),
             "capacity": s.capacity.iter().map(|c| json!({"tier": c.tier,
                 "capacity_bytes": c.capacity_bytes, "used_bytes": c.used_bytes})).collect::<Vec<_>>(),
+            "disk_alerts": s.disk_alerts.iter().map(|d| json!({"node_id": d.node_id,
+                "path": d.path, "state": d.state, "reason": d.reason})).collect::<Vec<_>>(),
         }));
         return;
     }
@@ -386,6 +388,12 @@ fn print_status(s: &pb::ClusterStatus, as_json: bool) {
             c.tier,
             human(c.used_bytes),
             human(c.capacity_bytes)
+        );
+    }
+    for d in &s.disk_alerts {
+        println!(
+            "disk {} of node {}: {} ({})",
+            d.path, d.node_id, d.state, d.reason
         );
     }
 }

@@ -18,6 +18,9 @@
 //! pin_cores = true            # pin executor i to CPU i (false: several nodes on one machine)
 //! cache_size = "256MiB"       # unified read cache of the node (split between its cores)
 //! oplog_cap = "6GiB"          # per vdisk
+//! disk_io_timeout_secs = 30   # an I/O in flight this long takes its disk offline
+//! disk_readmit_after_secs = 60 # an offline disk is validated and re-admitted after this
+//! disk_offline_limit = 3      # offline this many times within an hour: it stays offline
 //!
 //! [[device]]
 //! path = "dev0.img"           # relative paths are under the data directory
@@ -203,6 +206,15 @@ pub struct NodeConfig {
     /// Oplog cap per vdisk.
     #[serde(default = "default_oplog_cap")]
     pub oplog_cap: Size,
+    /// An I/O in flight this long takes its disk offline (seconds).
+    #[serde(default = "default_disk_io_timeout")]
+    pub disk_io_timeout_secs: u64,
+    /// An offline disk is validated and re-admitted after this long (seconds).
+    #[serde(default = "default_disk_readmit_after")]
+    pub disk_readmit_after_secs: u64,
+    /// Offline events within an hour that keep a disk offline.
+    #[serde(default = "default_disk_offline_limit")]
+    pub disk_offline_limit: u32,
     /// Devices.
     #[serde(default, rename = "device")]
     pub devices: Vec<DeviceConfig>,
@@ -244,6 +256,15 @@ fn default_cache() -> Size {
 fn default_oplog_cap() -> Size {
     Size(dataplane::vdisk::DEFAULT_OPLOG_CAP_BYTES)
 }
+fn default_disk_io_timeout() -> u64 {
+    blockstore::health::DEFAULT_IO_TIMEOUT.as_secs()
+}
+fn default_disk_readmit_after() -> u64 {
+    blockstore::health::DEFAULT_READMIT_AFTER.as_secs()
+}
+fn default_disk_offline_limit() -> u32 {
+    blockstore::health::DEFAULT_OFFLINE_LIMIT
+}
 
 impl NodeConfig {
     /// Where other nodes reach this node's data port: the advertised host (else the listen
@@ -271,6 +292,16 @@ impl NodeConfig {
         format!("{host}:{port}")
     }
 
+    /// The disk health policy these keys describe.
+    pub fn health_policy(&self) -> blockstore::health::HealthPolicy {
+        blockstore::health::HealthPolicy {
+            io_timeout: std::time::Duration::from_secs(self.disk_io_timeout_secs),
+            readmit_after: std::time::Duration::from_secs(self.disk_readmit_after_secs),
+            offline_limit: self.disk_offline_limit,
+            window: blockstore::health::DEFAULT_OFFLINE_WINDOW,
+        }
+    }
+
     /// The embedded default: one file-backed device and a thin 4 GiB vdisk `vd0`.
     pub fn embedded_default() -> Self {
         Self {
@@ -291,6 +322,9 @@ impl NodeConfig {
             pin_cores: true,
             cache_size: default_cache(),
             oplog_cap: default_oplog_cap(),
+            disk_io_timeout_secs: default_disk_io_timeout(),
+            disk_readmit_after_secs: default_disk_readmit_after(),
+            disk_offline_limit: default_disk_offline_limit(),
             devices: vec![DeviceConfig {
                 path: PathBuf::from("dev0.img"),
                 size: Some(Size(DEFAULT_DEVICE_BYTES)),
@@ -395,6 +429,12 @@ impl NodeConfig {
                 "key `oplog_cap`: {} bytes is below the 8 MiB minimum",
                 self.oplog_cap.0
             );
+        }
+        if self.disk_io_timeout_secs == 0 {
+            bail!("key `disk_io_timeout_secs`: must be at least 1");
+        }
+        if self.disk_offline_limit == 0 {
+            bail!("key `disk_offline_limit`: must be at least 1");
         }
         Ok(())
     }

@@ -28,6 +28,7 @@ use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
+use blockstore::health::{DeviceHealth, DiskAction, DiskState, DiskWatch, Monitored};
 use blockstore::uring::{self, UringOptions};
 use blockstore::{BlockStore, FormatOptions};
 use clap::Args;
@@ -86,8 +87,21 @@ pub struct RunArgs {
     pub cores: Option<usize>,
 }
 
-type Disk = Vdisk<uring::UringDevice, ControlPlaneMetadata>;
-type Host = ReplicaHost<uring::UringDevice, ControlPlaneMetadata>;
+/// A device as the node uses it: io_uring, watched for errors and hung operations.
+type Dev = Monitored<uring::UringDevice>;
+type Store = BlockStore<Dev>;
+type Disk = Vdisk<Dev, ControlPlaneMetadata>;
+type Host = ReplicaHost<Dev, ControlPlaneMetadata>;
+
+/// One device of a core, as its health watch sees it.
+struct DiskSlot {
+    /// Its file or block device.
+    path: PathBuf,
+    /// The health of the device handle in use.
+    health: DeviceHealth,
+    /// The offline / re-admission policy state.
+    watch: DiskWatch,
+}
 
 /// A vdisk this node serves: name, id, owner core, size.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -598,8 +612,13 @@ struct CoreVdisks {
     setup: CoreSetup,
     meta: Rc<ControlPlaneMetadata>,
     cache: Rc<RefCell<ReadCache>>,
-    /// Device uuid -> (device index, its block store).
-    stores: HashMap<u128, (usize, Rc<BlockStore<uring::UringDevice>>)>,
+    /// Device uuid -> (device index, its block store); a device is reopened when it is
+    /// re-admitted after being offline.
+    stores: RefCell<HashMap<u128, (usize, Rc<Store>)>>,
+    /// Device uuid -> its health watch.
+    disks: RefCell<HashMap<u128, DiskSlot>>,
+    /// Vdisk id -> the device it is served from (here).
+    served_on: RefCell<HashMap<u64, u128>>,
     exports: Rc<CoreExports>,
     /// Ownership records of the unreplicated vdisks (they change only when a vdisk is deleted).
     owners: RefCell<HashMap<u64, (Ownership, u64)>>,
@@ -660,7 +679,13 @@ impl CoreVdisks {
             .copied()
             .filter(|&i| i < devices)
             .unwrap_or((v.vdisk_id % devices as u64) as usize);
-        let Some((&uuid, _)) = self.stores.iter().find(|(_, (i, _))| *i == index) else {
+        let found = self
+            .stores
+            .borrow()
+            .iter()
+            .find(|(_, (i, _))| *i == index)
+            .map(|(&uuid, _)| uuid);
+        let Some(uuid) = found.filter(|&uuid| self.online_store(uuid).is_some()) else {
             return Ok(None);
         };
         let claim = Ownership {
@@ -691,17 +716,14 @@ impl CoreVdisks {
         }
     }
 
-    async fn open(&self, v: &VdiskRecord, store: Rc<BlockStore<uring::UringDevice>>) -> Result<()> {
+    async fn open(&self, v: &VdiskRecord, store: Rc<Store>) -> Result<()> {
+        let device = store.superblock().uuid;
         let vd = self.open_vdisk(v, store).await?;
-        self.serve(v.vdisk_id, vd);
+        self.serve(v.vdisk_id, device, vd);
         Ok(())
     }
 
-    async fn open_vdisk(
-        &self,
-        v: &VdiskRecord,
-        store: Rc<BlockStore<uring::UringDevice>>,
-    ) -> Result<Rc<Disk>> {
+    async fn open_vdisk(&self, v: &VdiskRecord, store: Rc<Store>) -> Result<Rc<Disk>> {
         let vcfg = VdiskConfig {
             oplog_cap_bytes: self.setup.cfg.oplog_cap.0,
             ..VdiskConfig::new(v.vdisk_id, &v.name, v.size_bytes)
@@ -711,8 +733,9 @@ impl CoreVdisks {
             .with_context(|| format!("opening vdisk {}", v.name))
     }
 
-    /// Starts the drain of an opened vdisk and exports it.
-    fn serve(&self, id: u64, vd: Rc<Disk>) {
+    /// Starts the drain of an opened vdisk (on device `device`) and exports it.
+    fn serve(&self, id: u64, device: u128, vd: Rc<Disk>) {
+        self.served_on.borrow_mut().insert(id, device);
         let drain = glommio::spawn_local(vd.clone().drain_loop());
         self.drains.borrow_mut().insert(id, drain);
         if self.stopping.get() {
@@ -728,7 +751,7 @@ impl CoreVdisks {
     async fn open_replicated(
         &self,
         v: &VdiskRecord,
-        store: Rc<BlockStore<uring::UringDevice>>,
+        store: Rc<Store>,
         rec: Ownership,
         version: u64,
         rf: usize,
@@ -779,8 +802,9 @@ impl CoreVdisks {
         );
         self.mirrors.borrow_mut().insert(id, set);
         // Where its data is, for a purge when it is deleted.
+        let device = own.device_uuid;
         self.owners.borrow_mut().insert(id, (own, version));
-        self.serve(id, vd);
+        self.serve(id, device, vd);
         Ok(())
     }
 
@@ -912,11 +936,19 @@ impl CoreVdisks {
             Ok(_) => {
                 host.take_over(v.vdisk_id, new.epoch).await;
                 self.owner_silent.borrow_mut().remove(&v.vdisk_id);
-                println!(
-                    "cairn node: node {me} takes vdisk {} over from node {} (silent for {:?}), \
-                     epoch {}",
-                    v.name, rec.node_id, FAILOVER_AFTER, new.epoch
-                );
+                if rec.node_id == 0 {
+                    println!(
+                        "cairn node: node {me} takes vdisk {} over (released by its owner, whose \
+                         disk is offline), epoch {}",
+                        v.name, new.epoch
+                    );
+                } else {
+                    println!(
+                        "cairn node: node {me} takes vdisk {} over from node {} (silent for \
+                         {:?}), epoch {}",
+                        v.name, rec.node_id, FAILOVER_AFTER, new.epoch
+                    );
+                }
                 Ok(true)
             }
             Err(MetaError::Conflict { .. }) => Ok(false),
@@ -936,7 +968,219 @@ impl CoreVdisks {
             drain.await;
         }
         self.mirrors.borrow_mut().remove(&id);
+        self.served_on.borrow_mut().remove(&id);
         Some(vd)
+    }
+
+    /// The block store of device `uuid` if this core has it and it is online.
+    fn online_store(&self, uuid: u128) -> Option<Rc<Store>> {
+        let offline = self
+            .disks
+            .borrow()
+            .get(&uuid)
+            .is_some_and(|d| !matches!(d.watch.state(), DiskState::Online));
+        if offline {
+            return None;
+        }
+        self.stores.borrow().get(&uuid).map(|(_, s)| s.clone())
+    }
+
+    /// Looks at the health of this core's devices: takes a failing one offline, validates and
+    /// re-admits one that has rested. Returns whether any device changed state.
+    async fn check_disks(&self) -> bool {
+        let uuids: Vec<u128> = self.disks.borrow().keys().copied().collect();
+        let mut changed = false;
+        for uuid in uuids {
+            let action = {
+                let mut disks = self.disks.borrow_mut();
+                let Some(d) = disks.get_mut(&uuid) else {
+                    continue;
+                };
+                let health = d.health.clone();
+                d.watch.check(std::time::Instant::now(), &health)
+            };
+            let action = match action {
+                Some(DiskAction::Validate) => {
+                    changed = true;
+                    self.readmit(uuid).await
+                }
+                other => other,
+            };
+            if let Some(DiskAction::TakeOffline {
+                reason,
+                events,
+                retired,
+            }) = action
+            {
+                changed = true;
+                self.disk_offline(uuid, &reason, events, retired).await;
+            }
+        }
+        changed
+    }
+
+    fn disk_path(&self, uuid: u128) -> String {
+        self.disks
+            .borrow()
+            .get(&uuid)
+            .map(|d| d.path.display().to_string())
+            .unwrap_or_else(|| format!("{uuid:032x}"))
+    }
+
+    /// Device `uuid` went offline: nothing touches it any more. The vdisks served from it stop;
+    /// those with replicas are released to them (ownership record without an owner, at the
+    /// next epoch, which also fences anything of this node still in flight), so a replica
+    /// takes each over at once. Replicas kept on it refuse their owners, which choose others.
+    async fn disk_offline(&self, uuid: u128, reason: &str, events: u32, retired: bool) {
+        let me = self.setup.cfg.node_id;
+        let path = self.disk_path(uuid);
+        let next = if retired {
+            "it stays offline until an operator replaces it".to_string()
+        } else {
+            format!(
+                "it is validated for re-admission in {} s",
+                self.setup.cfg.disk_readmit_after_secs
+            )
+        };
+        eprintln!(
+            "cairn node: disk {path} is offline ({events} time(s) within the last hour; {next}): \
+             {reason}"
+        );
+        if let Some(host) = &self.host
+            && host.store().superblock().uuid == uuid
+        {
+            host.set_offline();
+        }
+        let served: Vec<u64> = self
+            .served_on
+            .borrow()
+            .iter()
+            .filter(|(_, d)| **d == uuid)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in served {
+            let name = match self.close(id).await {
+                Some(vd) => vd.config().name.clone(),
+                None => id.to_string(),
+            };
+            let key = Ownership::key(id);
+            let Ok(Some(found)) = self.meta.get(&key).await else {
+                continue;
+            };
+            let Ok(rec) = Ownership::decode(&found.value) else {
+                continue;
+            };
+            if rec.node_id != me || rec.device_uuid != uuid || rec.replicas.is_empty() {
+                continue; // not ours on this disk, or no copy elsewhere to serve it
+            }
+            let released = Ownership {
+                node_id: 0,
+                epoch: rec.epoch + 1,
+                ..rec.clone()
+            };
+            let put = MetaOp::Put {
+                key,
+                value: released.encode(),
+                expect: Expect::Version(found.version),
+            };
+            match self.meta.apply(vec![put]).await {
+                Ok(_) => println!(
+                    "cairn node: vdisk {name} released to its replicas {:?} at epoch {} (disk \
+                     {path} is offline)",
+                    rec.replicas, released.epoch
+                ),
+                Err(e) => self.report(id, format!("vdisk {name}: releasing it: {e}")),
+            }
+        }
+    }
+
+    /// Validates offline device `uuid` (a fresh handle: fsck of its superblocks, checkpoint and
+    /// journal, then a full reopen with recovery and a flush) and puts it back in service, or
+    /// counts the failure as another offline event.
+    async fn readmit(&self, uuid: u128) -> Option<DiskAction> {
+        let path = self.disks.borrow().get(&uuid)?.path.clone();
+        let validated = validate_disk(uuid, &path).await;
+        let now = std::time::Instant::now();
+        let mut disks = self.disks.borrow_mut();
+        let d = disks.get_mut(&uuid)?;
+        match validated {
+            Ok((store, health, summary)) => {
+                d.health = health.clone();
+                let next = d.watch.validated(now, &health, Ok(()));
+                drop(disks);
+                if let Some(slot) = self.stores.borrow_mut().get_mut(&uuid) {
+                    slot.1 = store.clone();
+                }
+                if let Some(host) = &self.host
+                    && host.store().superblock().uuid == uuid
+                {
+                    host.readmit(store);
+                }
+                println!(
+                    "cairn node: disk {} re-admitted after validation ({summary})",
+                    path.display()
+                );
+                next
+            }
+            Err(why) => {
+                let health = d.health.clone();
+                d.watch.validated(now, &health, Err(why))
+            }
+        }
+    }
+
+    /// A vdisk whose owner released it (its disk went offline): a replica here takes it over at
+    /// once. The node holding the released device takes it back once the device is online
+    /// again, if no replica took it within twice [`FAILOVER_AFTER`] (or it has none): nothing
+    /// was acknowledged after the release, so its copy is as new as any. Returns whether the
+    /// record changed.
+    async fn claim_released(&self, v: &VdiskRecord, rec: &Ownership, version: u64) -> bool {
+        let me = self.setup.cfg.node_id;
+        let host_online = self.host.as_ref().is_some_and(|h| !h.is_offline());
+        if rec.replicas.contains(&me) && host_online {
+            return match self.take_over(v, rec, version).await {
+                Ok(won) => won,
+                Err(e) => {
+                    self.report(v.vdisk_id, format!("vdisk {}: {e:#}", v.name));
+                    false
+                }
+            };
+        }
+        if self.online_store(rec.device_uuid).is_none() {
+            return false;
+        }
+        let since = *self
+            .owner_silent
+            .borrow_mut()
+            .entry(v.vdisk_id)
+            .or_insert_with(std::time::Instant::now);
+        if !rec.replicas.is_empty() && since.elapsed() < FAILOVER_AFTER * 2 {
+            return false;
+        }
+        let back = Ownership {
+            node_id: me,
+            epoch: rec.epoch + 1,
+            ..rec.clone()
+        };
+        let put = MetaOp::Put {
+            key: Ownership::key(v.vdisk_id),
+            value: back.encode(),
+            expect: Expect::Version(version),
+        };
+        match self.meta.apply(vec![put]).await {
+            Ok(_) => {
+                self.owner_silent.borrow_mut().remove(&v.vdisk_id);
+                println!(
+                    "cairn node: node {me} takes vdisk {} back on its re-admitted disk, epoch {}",
+                    v.name, back.epoch
+                );
+                true
+            }
+            Err(e) => {
+                self.report(v.vdisk_id, format!("vdisk {}: taking it back: {e}", v.name));
+                false
+            }
+        }
     }
 
     /// Publishes this node's iSCSI portal in the metadata store (core 0, once), so that other
@@ -1017,6 +1261,13 @@ impl CoreVdisks {
                     continue;
                 }
             };
+            if owner.node_id == 0 {
+                // Released by an owner whose disk went offline.
+                if self.claim_released(v, &owner, version).await {
+                    complete = false;
+                }
+                continue;
+            }
             if owner.node_id != me {
                 if let Some(portal) = self.portal_of(owner.node_id).await {
                     remote.insert(v.name.clone(), portal);
@@ -1030,7 +1281,7 @@ impl CoreVdisks {
                 }
                 // A copy here that the record no longer counts (this node owned or held the
                 // vdisk before it moved on): free it.
-                if let Some(host) = &self.host
+                if let Some(host) = self.host.as_ref().filter(|h| !h.is_offline())
                     && replicated
                     && !owner.replicas.contains(&me)
                 {
@@ -1048,7 +1299,7 @@ impl CoreVdisks {
                     }
                 }
                 if replicated
-                    && self.host.is_some()
+                    && self.host.as_ref().is_some_and(|h| !h.is_offline())
                     && owner.replicas.contains(&me)
                     && self.owner_gone(v.vdisk_id, owner.node_id).await
                 {
@@ -1108,7 +1359,14 @@ impl CoreVdisks {
                 size: v.size_bytes,
             };
             if core == self.setup.core && !self.exports.local.borrow().contains_key(&v.vdisk_id) {
-                let Some((_, store)) = self.stores.get(&owner.device_uuid) else {
+                let Some(store) = self.online_store(owner.device_uuid) else {
+                    self.report(
+                        v.vdisk_id,
+                        format!(
+                            "vdisk {} is not served: its device {:032x} is offline",
+                            v.name, owner.device_uuid
+                        ),
+                    );
                     complete = false;
                     continue;
                 };
@@ -1145,7 +1403,7 @@ impl CoreVdisks {
             };
             let owner = self.owners.borrow_mut().remove(&id).map(|(o, _)| o);
             let name = vd.config().name.clone();
-            let store = owner.and_then(|o| self.stores.get(&o.device_uuid).map(|(_, s)| s.clone()));
+            let store = owner.and_then(|o| self.online_store(o.device_uuid));
             let freed = match store {
                 Some(store) => match purge(&store, &*self.meta, id).await {
                     Ok(n) => n,
@@ -1158,14 +1416,14 @@ impl CoreVdisks {
             };
             let _ = events.send(CoreEvent::Removed(name, freed));
         }
-        // Replicas of deleted vdisks: free their copies.
-        if let Some(host) = &self.host {
+        // Replicas of deleted vdisks: free their copies (once the device is in service).
+        if let Some(host) = self.host.as_ref().filter(|h| !h.is_offline()) {
             for id in host.known() {
                 if view.vdisks.iter().any(|s| s.record.vdisk_id == id) {
                     continue;
                 }
                 host.forget(id);
-                if let Err(e) = free_vdisk_egroups(host.store(), id).await {
+                if let Err(e) = free_vdisk_egroups(&host.store(), id).await {
                     self.report(
                         id,
                         format!("freeing the replica of deleted vdisk {id}: {e}"),
@@ -1177,12 +1435,19 @@ impl CoreVdisks {
     }
 
     fn device_infos(&self) -> Vec<pb::DeviceInfo> {
+        let disks = self.disks.borrow();
         let mut out: Vec<(usize, pb::DeviceInfo)> = self
             .stores
-            .values()
-            .map(|(i, store)| {
+            .borrow()
+            .iter()
+            .map(|(uuid, (i, store))| {
                 let s = store.stats();
                 let d = &self.setup.cfg.devices[*i];
+                let (state, state_reason) = match disks.get(uuid).map(|d| d.watch.state()) {
+                    Some(DiskState::Offline { reason, .. }) => ("offline", reason.clone()),
+                    Some(DiskState::Retired { reason }) => ("retired", reason.clone()),
+                    _ => ("online", String::new()),
+                };
                 (
                     *i,
                     pb::DeviceInfo {
@@ -1192,6 +1457,8 @@ impl CoreVdisks {
                         tier: d.tier.as_str().to_string(),
                         capacity_bytes: s.capacity_bytes,
                         used_bytes: s.allocated_bytes,
+                        state: state.to_string(),
+                        state_reason,
                     },
                 )
             })
@@ -1212,6 +1479,7 @@ async fn run_core(
     let cache_share = (setup.cfg.cache_size.0 as usize / cores).max(64 << 10);
     let cache = Rc::new(RefCell::new(ReadCache::new(cache_share)));
     let mut stores = HashMap::new();
+    let mut disks = HashMap::new();
     for (i, d) in setup
         .cfg
         .devices
@@ -1220,13 +1488,23 @@ async fn run_core(
         .filter(|(i, _)| i % cores == core)
     {
         let path = NodeConfig::resolve(&setup.data_dir, &d.path);
-        let dev = crate::device_cmd::open_formatted(&path).await?;
+        let dev = Monitored::new(crate::device_cmd::open_formatted(&path).await?);
+        let health = dev.health();
         let store = Rc::new(
             BlockStore::open(dev)
                 .await
                 .with_context(|| format!("opening device {}", path.display()))?,
         );
         let uuid = store.superblock().uuid;
+        let watch = DiskWatch::new(setup.cfg.health_policy(), health.errors());
+        disks.insert(
+            uuid,
+            DiskSlot {
+                path: path.clone(),
+                health,
+                watch,
+            },
+        );
         if stores.insert(uuid, (i, store)).is_some() {
             bail!(
                 "device {} has the same format uuid as another device of this core",
@@ -1291,7 +1569,9 @@ async fn run_core(
         meta: Rc::new(setup.meta.clone()),
         setup,
         cache,
-        stores,
+        stores: RefCell::new(stores),
+        disks: RefCell::new(disks),
+        served_on: RefCell::default(),
         exports: exports.clone(),
         owners: RefCell::default(),
         transport: transport.clone(),
@@ -1387,6 +1667,9 @@ async fn run_core(
                             && c.record.settings.replication_factor >= 2
                     })
                 });
+                if vdisks.check_disks().await {
+                    complete = false;
+                }
                 if (view.version != seen || !complete || watch) && !vdisks.stopping.get() {
                     complete = vdisks.reconcile(&view, &events).await;
                     seen = view.version;
@@ -1421,13 +1704,53 @@ async fn run_core(
         "cairn node: core {core} forwarded {} requests to other cores",
         exports.mesh.forwarded()
     );
-    for (_, store) in vdisks.stores.values() {
+    let stores: Vec<(u128, Rc<Store>)> = vdisks
+        .stores
+        .borrow()
+        .iter()
+        .map(|(&uuid, (_, store))| (uuid, store.clone()))
+        .collect();
+    for (uuid, store) in stores {
+        if vdisks.online_store(uuid).is_none() {
+            continue; // offline: it takes no writes, a checkpoint included
+        }
         store
             .checkpoint()
             .await
             .context("checkpointing a device at shutdown")?;
     }
     Ok(())
+}
+
+/// Validates device `uuid` at `path` for re-admission through a fresh handle: fsck (superblock
+/// copies, checkpoint, journal) must find nothing lost and the same format uuid, then the store
+/// is reopened with recovery and flushed. Returns the new store, its health and a summary.
+async fn validate_disk(
+    uuid: u128,
+    path: &Path,
+) -> std::result::Result<(Rc<Store>, DeviceHealth, String), String> {
+    let dev = crate::device_cmd::open_formatted(path)
+        .await
+        .map_err(|e| format!("{e:#}"))?;
+    let report = blockstore::fsck::check(&dev, false).await;
+    if report.worst() >= Some(blockstore::fsck::Severity::Lost) {
+        let worst = report.findings.iter().max_by_key(|f| f.severity);
+        return Err(worst.map(|f| f.problem.clone()).unwrap_or_default());
+    }
+    match &report.superblock {
+        Some(sb) if sb.uuid == uuid => {}
+        Some(sb) => return Err(format!("it now carries format uuid {:032x}", sb.uuid)),
+        None => return Err("no valid superblock".into()),
+    }
+    let dev = Monitored::new(dev);
+    let health = dev.health();
+    let store = BlockStore::open(dev).await.map_err(|e| e.to_string())?;
+    store.flush().await.map_err(|e| e.to_string())?;
+    let summary = format!(
+        "{} extent groups, {} journal records replayed",
+        report.egroups, report.journal_records_to_replay
+    );
+    Ok((Rc::new(store), health, summary))
 }
 
 /// A hash of (vdisk, node) that orders the candidate replica nodes of a vdisk (splitmix64).

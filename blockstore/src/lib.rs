@@ -21,6 +21,7 @@ pub mod device;
 pub mod faulty;
 pub mod format;
 pub mod fsck;
+pub mod health;
 pub mod mem;
 #[cfg(feature = "spdk")]
 pub mod spdk;

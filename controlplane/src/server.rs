@@ -1427,6 +1427,7 @@ impl Service {
         );
         infos.insert(n.node_id, Some(self.node_info()));
         let mut capacity: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        let mut disk_alerts = Vec::new();
         let nodes = view
             .nodes
             .iter()
@@ -1440,6 +1441,15 @@ impl Service {
                     pb::NodeState::Down
                 };
                 for d in info.iter().flat_map(|i| i.devices.iter()) {
+                    if !d.state.is_empty() && d.state != "online" {
+                        disk_alerts.push(pb::DiskAlert {
+                            node_id: s.record.node_id,
+                            path: d.path.clone(),
+                            state: d.state.clone(),
+                            reason: d.state_reason.clone(),
+                        });
+                        continue;
+                    }
                     let e = capacity.entry(d.tier.clone()).or_default();
                     e.0 += d.capacity_bytes;
                     e.1 += d.used_bytes;
@@ -1476,6 +1486,7 @@ impl Service {
                 .collect(),
             served_by: n.node_id,
             created: cluster.is_some(),
+            disk_alerts,
         })
     }
 

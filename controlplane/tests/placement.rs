@@ -41,7 +41,7 @@ fn start(
         path: format!("/dev/disk-of-{id}"),
         tier: if id.is_multiple_of(2) { "hdd" } else { "ssd" }.into(),
         capacity_bytes: id << 30,
-        used_bytes: 0,
+        ..pb::DeviceInfo::default()
     }];
     o.group_options = GroupOptions::for_tests;
     ControlPlane::start(o).unwrap()

@@ -30,7 +30,7 @@
 //! reply: OK (payload: the data of a READ), STALE, FAILED or BAD_REQUEST (payload: why)
 //! ```
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
@@ -599,7 +599,9 @@ struct Replica<D: BlockDevice> {
 /// and answers pings. It is the transport [`Handler`] of the node's replication port.
 pub struct ReplicaHost<D: BlockDevice, M: MetadataStore> {
     node: NodeId,
-    store: Rc<BlockStore<D>>,
+    store: RefCell<Rc<BlockStore<D>>>,
+    /// The device is out of service: every request, pings included, is refused.
+    offline: Cell<bool>,
     meta: Rc<M>,
     oplog_cap_bytes: u64,
     vdisks: RefCell<HashMap<u64, Replica<D>>>,
@@ -616,7 +618,8 @@ impl<D: BlockDevice + 'static, M: MetadataStore + 'static> ReplicaHost<D, M> {
     pub fn new(node: NodeId, store: Rc<BlockStore<D>>, meta: Rc<M>, oplog_cap_bytes: u64) -> Self {
         Self {
             node,
-            store,
+            store: RefCell::new(store),
+            offline: Cell::new(false),
             meta,
             oplog_cap_bytes,
             vdisks: RefCell::new(HashMap::new()),
@@ -627,8 +630,30 @@ impl<D: BlockDevice + 'static, M: MetadataStore + 'static> ReplicaHost<D, M> {
     }
 
     /// The device replicas are kept on.
-    pub fn store(&self) -> &Rc<BlockStore<D>> {
-        &self.store
+    pub fn store(&self) -> Rc<BlockStore<D>> {
+        self.store.borrow().clone()
+    }
+
+    /// Whether the device is out of service.
+    pub fn is_offline(&self) -> bool {
+        self.offline.get()
+    }
+
+    /// Takes the device out of service: every request and ping is refused (owners choose
+    /// other replicas), and every replica here is out of sync from now on: a stream must begin
+    /// again with RESET.
+    pub fn set_offline(&self) {
+        self.offline.set(true);
+        for r in self.vdisks.borrow_mut().values_mut() {
+            r.streaming = false;
+            r.oplog = None;
+        }
+    }
+
+    /// Puts the device back in service, reopened as `store` after validation.
+    pub fn readmit(&self, store: Rc<BlockStore<D>>) {
+        *self.store.borrow_mut() = store;
+        self.offline.set(false);
     }
 
     /// This node takes `vdisk` over at `epoch` (its ownership record already says so): the
@@ -677,9 +702,10 @@ impl<D: BlockDevice + 'static, M: MetadataStore + 'static> ReplicaHost<D, M> {
         }
         // Freed with no await in between the check and the frees: a stream that starts later
         // (RESET) finds the device without the copy, as it would after its own RESET.
-        let freed = free_now(&self.store, vdisk)?;
+        let store = self.store();
+        let freed = free_now(&store, vdisk)?;
         if freed > 0 {
-            self.store.flush().await?;
+            store.flush().await?;
         }
         Ok(freed)
     }
@@ -765,7 +791,7 @@ impl<D: BlockDevice + 'static, M: MetadataStore + 'static> ReplicaHost<D, M> {
         // Whatever this device holds of the vdisk's oplog (an earlier run of the same stream)
         // comes back; a new stream begins with RESET, which frees it first.
         let oplog = Rc::new(
-            Oplog::recover(self.store.clone(), vdisk, 0, self.oplog_cap_bytes)
+            Oplog::recover(self.store(), vdisk, 0, self.oplog_cap_bytes)
                 .await
                 .map_err(|e| e.to_string())?,
         );
@@ -787,7 +813,7 @@ impl<D: BlockDevice + 'static, M: MetadataStore + 'static> ReplicaHost<D, M> {
                     r.oplog = None;
                     r.streaming = false;
                 }
-                free_vdisk_egroups(&self.store, vdisk)
+                free_vdisk_egroups(&self.store(), vdisk)
                     .await
                     .map_err(store_err)?;
                 if let Some(r) = self.vdisks.borrow_mut().get_mut(&vdisk) {
@@ -811,7 +837,7 @@ impl<D: BlockDevice + 'static, M: MetadataStore + 'static> ReplicaHost<D, M> {
                     o.drained(seq).map_err(|e| e.to_string())?;
                 }
             }
-            ReplicaOp::Allocate { egid } => match self.store.allocate(egid) {
+            ReplicaOp::Allocate { egid } => match self.store().allocate(egid) {
                 Ok(()) | Err(StoreError::EgroupExists { .. }) => {}
                 Err(e) => return Err(e.to_string()),
             },
@@ -820,20 +846,20 @@ impl<D: BlockDevice + 'static, M: MetadataStore + 'static> ReplicaHost<D, M> {
                 first,
                 blocks,
             } => self
-                .store
+                .store()
                 .trim_slices(egid, first, blocks)
                 .await
                 .map_err(store_err)?,
             ReplicaOp::Write { egid, first, data } => {
                 let mut buf = DmaBuf::new(data.len());
                 buf.copy_from_slice(&data);
-                self.store
+                self.store()
                     .write_slices(egid, first, &buf)
                     .await
                     .map_err(store_err)?;
             }
-            ReplicaOp::Flush => self.store.flush().await.map_err(store_err)?,
-            ReplicaOp::Free { egid } => match self.store.free(egid) {
+            ReplicaOp::Flush => self.store().flush().await.map_err(store_err)?,
+            ReplicaOp::Free { egid } => match self.store().free(egid) {
                 Ok(()) | Err(StoreError::NoSuchEgroup { .. }) => {}
                 Err(e) => return Err(e.to_string()),
             },
@@ -854,7 +880,7 @@ impl<D: BlockDevice + 'static, M: MetadataStore + 'static> ReplicaHost<D, M> {
                     ));
                 }
                 let mut buf = DmaBuf::new(blocks as usize * BLOCK_BYTES);
-                self.store
+                self.store()
                     .read_slices(b.egid, b.data_slice + offset, &mut buf)
                     .await
                     .map_err(store_err)?;
@@ -866,7 +892,7 @@ impl<D: BlockDevice + 'static, M: MetadataStore + 'static> ReplicaHost<D, M> {
                 blocks,
             } => {
                 let mut buf = DmaBuf::new(blocks as usize * BLOCK_BYTES);
-                self.store
+                self.store()
                     .read_slices(egid, first, &mut buf)
                     .await
                     .map_err(store_err)?;
@@ -886,6 +912,10 @@ impl<D: BlockDevice + 'static, M: MetadataStore + 'static> Handler for ReplicaHo
             sequence: request.sequence,
             payload: why.into_bytes(),
         };
+        if self.offline.get() {
+            let why = format!("node {}: the replica device is offline", self.node);
+            return answer(reply::FAILED, why);
+        }
         if request.op == op::PING {
             return answer(reply::OK, String::new());
         }

@@ -28,6 +28,8 @@ mod tests {
                 tier: "ssd".into(),
                 capacity_bytes: 1 << 30,
                 used_bytes: 0,
+                state: "offline".into(),
+                state_reason: "3 I/O errors".into(),
             }],
             block: "b1".into(),
             rack: "r1".into(),

@@ -1,0 +1,517 @@
+//! Disk health: a device wrapper that watches every operation for I/O errors and for
+//! operations that take too long, and the policy that takes a disk offline and back.
+//!
+//! * [`Monitored`] wraps any [`BlockDevice`]. It counts `DeviceError::Io` results (range and
+//!   alignment errors are the caller's bugs, not the disk's) and keeps the start time of every
+//!   operation in flight, so a hung operation is seen while it hangs. Once its
+//!   [`DeviceHealth`] is set offline, every operation fails at once with
+//!   [`DeviceError::Offline`] and the disk is not touched again until it is set online.
+//! * [`DiskWatch`] is the policy, after the seeds: a disk with an I/O error or an operation
+//!   older than [`HealthPolicy::io_timeout`] goes offline; after
+//!   [`HealthPolicy::readmit_after`] it is validated and, if sound, re-admitted; the
+//!   [`HealthPolicy::offline_limit`]-th time within [`HealthPolicy::window`] (3 in an hour) it
+//!   stays offline until an operator intervenes. It is pure logic over the times it is given.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, VecDeque};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use crate::buf::DmaBuf;
+use crate::device::{BlockDevice, DeviceError, DeviceInfo, IoOp};
+
+/// Defaults of [`HealthPolicy`], from the seeds.
+pub const DEFAULT_OFFLINE_LIMIT: u32 = 3;
+/// The window in which [`DEFAULT_OFFLINE_LIMIT`] offline events retire a disk.
+pub const DEFAULT_OFFLINE_WINDOW: Duration = Duration::from_secs(3600);
+/// An operation in flight longer than this takes the disk offline.
+pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long an offline disk rests before it is validated for re-admission.
+pub const DEFAULT_READMIT_AFTER: Duration = Duration::from_secs(60);
+
+/// What a device's watchers share: error count, operations in flight, the offline switch.
+#[derive(Clone, Default)]
+pub struct DeviceHealth {
+    inner: Rc<HealthInner>,
+}
+
+#[derive(Default)]
+struct HealthInner {
+    errors: Cell<u64>,
+    last_error: RefCell<Option<String>>,
+    next_op: Cell<u64>,
+    in_flight: RefCell<BTreeMap<u64, Instant>>,
+    offline: Cell<bool>,
+}
+
+impl DeviceHealth {
+    /// I/O errors seen since the device was opened.
+    pub fn errors(&self) -> u64 {
+        self.inner.errors.get()
+    }
+
+    /// The last I/O error, as text.
+    pub fn last_error(&self) -> Option<String> {
+        self.inner.last_error.borrow().clone()
+    }
+
+    /// How long the oldest operation in flight has been running.
+    pub fn oldest_in_flight(&self, now: Instant) -> Option<Duration> {
+        let oldest = *self.inner.in_flight.borrow().values().min()?;
+        Some(now.saturating_duration_since(oldest))
+    }
+
+    /// Whether operations are refused.
+    pub fn is_offline(&self) -> bool {
+        self.inner.offline.get()
+    }
+
+    /// Refuses (true) or admits (false) operations from now on.
+    pub fn set_offline(&self, offline: bool) {
+        self.inner.offline.set(offline);
+    }
+
+    fn start(&self) -> u64 {
+        let id = self.inner.next_op.get();
+        self.inner.next_op.set(id + 1);
+        self.inner.in_flight.borrow_mut().insert(id, Instant::now());
+        id
+    }
+
+    fn finish<T>(&self, id: u64, result: Result<T, DeviceError>) -> Result<T, DeviceError> {
+        self.inner.in_flight.borrow_mut().remove(&id);
+        if let Err(e @ DeviceError::Io { .. }) = &result {
+            self.inner.errors.set(self.inner.errors.get() + 1);
+            *self.inner.last_error.borrow_mut() = Some(e.to_string());
+        }
+        result
+    }
+}
+
+/// A device whose operations are watched by a [`DeviceHealth`].
+pub struct Monitored<D> {
+    inner: D,
+    health: DeviceHealth,
+}
+
+impl<D: BlockDevice> Monitored<D> {
+    /// Wraps `inner`.
+    pub fn new(inner: D) -> Self {
+        Monitored {
+            inner,
+            health: DeviceHealth::default(),
+        }
+    }
+
+    /// The health handle (shared).
+    pub fn health(&self) -> DeviceHealth {
+        self.health.clone()
+    }
+
+    /// The device underneath, bypassing the offline switch (for validation).
+    pub fn inner(&self) -> &D {
+        &self.inner
+    }
+
+    fn refuse(&self, op: IoOp, offset: u64) -> Result<(), DeviceError> {
+        if self.health.is_offline() {
+            return Err(DeviceError::Offline {
+                device: self.inner.info().name.clone(),
+                op,
+                offset,
+            });
+        }
+        Ok(())
+    }
+}
+
+impl<D: BlockDevice> BlockDevice for Monitored<D> {
+    fn info(&self) -> &DeviceInfo {
+        self.inner.info()
+    }
+
+    async fn read(&self, offset: u64, buf: &mut DmaBuf) -> Result<(), DeviceError> {
+        self.refuse(IoOp::Read, offset)?;
+        let id = self.health.start();
+        let r = self.inner.read(offset, buf).await;
+        self.health.finish(id, r)
+    }
+
+    async fn write(&self, offset: u64, buf: &DmaBuf) -> Result<(), DeviceError> {
+        self.refuse(IoOp::Write, offset)?;
+        let id = self.health.start();
+        let r = self.inner.write(offset, buf).await;
+        self.health.finish(id, r)
+    }
+
+    async fn flush(&self) -> Result<(), DeviceError> {
+        self.refuse(IoOp::Flush, 0)?;
+        let id = self.health.start();
+        let r = self.inner.flush().await;
+        self.health.finish(id, r)
+    }
+
+    async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        self.refuse(IoOp::WriteZeroes, offset)?;
+        let id = self.health.start();
+        let r = self.inner.write_zeroes(offset, len).await;
+        self.health.finish(id, r)
+    }
+
+    async fn unmap(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
+        self.refuse(IoOp::Unmap, offset)?;
+        let id = self.health.start();
+        let r = self.inner.unmap(offset, len).await;
+        self.health.finish(id, r)
+    }
+}
+
+/// When a disk goes offline and comes back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthPolicy {
+    /// An operation in flight this long takes the disk offline.
+    pub io_timeout: Duration,
+    /// An offline disk is validated for re-admission after this long.
+    pub readmit_after: Duration,
+    /// Offline events within [`Self::window`] that keep the disk offline.
+    pub offline_limit: u32,
+    /// See [`Self::offline_limit`].
+    pub window: Duration,
+}
+
+impl Default for HealthPolicy {
+    fn default() -> Self {
+        HealthPolicy {
+            io_timeout: DEFAULT_IO_TIMEOUT,
+            readmit_after: DEFAULT_READMIT_AFTER,
+            offline_limit: DEFAULT_OFFLINE_LIMIT,
+            window: DEFAULT_OFFLINE_WINDOW,
+        }
+    }
+}
+
+/// A disk's state under [`DiskWatch`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskState {
+    /// In service.
+    Online,
+    /// Out of service since `since`, to be validated after the policy's rest.
+    Offline {
+        /// When it went offline.
+        since: Instant,
+        /// Why.
+        reason: String,
+    },
+    /// Out of service for good (offline the policy's limit of times within its window): an
+    /// operator must replace it.
+    Retired {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl DiskState {
+    /// `online`, `offline` or `retired`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            DiskState::Online => "online",
+            DiskState::Offline { .. } => "offline",
+            DiskState::Retired { .. } => "retired",
+        }
+    }
+}
+
+/// What the watcher asks its caller to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DiskAction {
+    /// Take the disk out of service: stop everything on it (it is offline now).
+    TakeOffline {
+        /// Why.
+        reason: String,
+        /// Offline events within the window, this one included.
+        events: u32,
+        /// Whether it stays offline for good.
+        retired: bool,
+    },
+    /// Validate the disk now and report with [`DiskWatch::validated`].
+    Validate,
+}
+
+/// One disk's health policy state.
+#[derive(Debug, Clone)]
+pub struct DiskWatch {
+    policy: HealthPolicy,
+    state: DiskState,
+    errors_seen: u64,
+    events: VecDeque<Instant>,
+}
+
+impl DiskWatch {
+    /// A disk in service, with `errors_seen` errors already accounted for.
+    pub fn new(policy: HealthPolicy, errors_seen: u64) -> Self {
+        DiskWatch {
+            policy,
+            state: DiskState::Online,
+            errors_seen,
+            events: VecDeque::new(),
+        }
+    }
+
+    /// The current state.
+    pub fn state(&self) -> &DiskState {
+        &self.state
+    }
+
+    /// Offline events within the window before `now`.
+    pub fn recent_events(&self, now: Instant) -> u32 {
+        self.events
+            .iter()
+            .filter(|&&t| now.saturating_duration_since(t) < self.policy.window)
+            .count() as u32
+    }
+
+    /// Looks at the device's health at `now`.
+    pub fn check(&mut self, now: Instant, health: &DeviceHealth) -> Option<DiskAction> {
+        match &self.state {
+            DiskState::Online => {
+                let errors = health.errors();
+                let reason = if errors > self.errors_seen {
+                    let last = health.last_error().unwrap_or_default();
+                    Some(format!(
+                        "{} I/O error(s), the last: {last}",
+                        errors - self.errors_seen
+                    ))
+                } else {
+                    health
+                        .oldest_in_flight(now)
+                        .filter(|age| *age >= self.policy.io_timeout)
+                        .map(|age| {
+                            format!(
+                                "an operation has been in flight for {:.1} s (timeout {:?})",
+                                age.as_secs_f64(),
+                                self.policy.io_timeout
+                            )
+                        })
+                };
+                self.errors_seen = errors;
+                reason.map(|reason| self.take_offline(now, health, reason))
+            }
+            DiskState::Offline { since, .. }
+                if now.saturating_duration_since(*since) >= self.policy.readmit_after =>
+            {
+                Some(DiskAction::Validate)
+            }
+            DiskState::Offline { .. } | DiskState::Retired { .. } => None,
+        }
+    }
+
+    fn take_offline(&mut self, now: Instant, health: &DeviceHealth, reason: String) -> DiskAction {
+        health.set_offline(true);
+        self.events.push_back(now);
+        while self
+            .events
+            .front()
+            .is_some_and(|&t| now.saturating_duration_since(t) >= self.policy.window)
+        {
+            self.events.pop_front();
+        }
+        let events = self.events.len() as u32;
+        let retired = events >= self.policy.offline_limit;
+        self.state = if retired {
+            DiskState::Retired {
+                reason: format!(
+                    "offline {events} times within {:?}; the last: {reason}",
+                    self.policy.window
+                ),
+            }
+        } else {
+            DiskState::Offline {
+                since: now,
+                reason: reason.clone(),
+            }
+        };
+        DiskAction::TakeOffline {
+            reason,
+            events,
+            retired,
+        }
+    }
+
+    /// The result of the validation asked for by [`DiskAction::Validate`]: `Ok` re-admits the
+    /// disk (it is online again); `Err(why)` counts as another offline event.
+    pub fn validated(
+        &mut self,
+        now: Instant,
+        health: &DeviceHealth,
+        result: Result<(), String>,
+    ) -> Option<DiskAction> {
+        match result {
+            Ok(()) => {
+                self.errors_seen = health.errors();
+                self.state = DiskState::Online;
+                health.set_offline(false);
+                None
+            }
+            Err(why) => Some(self.take_offline(now, health, format!("validation failed: {why}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> HealthPolicy {
+        HealthPolicy {
+            io_timeout: Duration::from_secs(5),
+            readmit_after: Duration::from_secs(10),
+            offline_limit: 3,
+            window: Duration::from_secs(3600),
+        }
+    }
+
+    fn fail(h: &DeviceHealth) {
+        let id = h.start();
+        let e = DeviceError::Io {
+            device: "d".into(),
+            op: IoOp::Write,
+            offset: 4096,
+            len: 4096,
+            source: std::io::Error::other("ENOSPC"),
+        };
+        let _ = h.finish::<()>(id, Err(e));
+    }
+
+    #[test]
+    fn an_error_takes_the_disk_offline_and_validation_brings_it_back() {
+        let h = DeviceHealth::default();
+        let mut w = DiskWatch::new(policy(), 0);
+        let t0 = Instant::now();
+        assert_eq!(w.check(t0, &h), None);
+        fail(&h);
+        let Some(DiskAction::TakeOffline {
+            reason,
+            events: 1,
+            retired: false,
+        }) = w.check(t0, &h)
+        else {
+            panic!("not offline: {:?}", w.state());
+        };
+        assert!(reason.contains("ENOSPC"), "{reason}");
+        assert!(h.is_offline());
+        // Rests, then asks for validation.
+        assert_eq!(w.check(t0 + Duration::from_secs(9), &h), None);
+        let later = t0 + Duration::from_secs(10);
+        assert_eq!(w.check(later, &h), Some(DiskAction::Validate));
+        assert_eq!(w.validated(later, &h, Ok(())), None);
+        assert_eq!(w.state(), &DiskState::Online);
+        assert!(!h.is_offline());
+        // Errors seen before re-admission are not counted again.
+        assert_eq!(w.check(later, &h), None);
+    }
+
+    #[test]
+    fn a_hung_operation_counts_as_a_timeout() {
+        let h = DeviceHealth::default();
+        let mut w = DiskWatch::new(policy(), 0);
+        let _op = h.start();
+        let t0 = Instant::now();
+        assert_eq!(w.check(t0, &h), None);
+        match w.check(t0 + Duration::from_secs(6), &h) {
+            Some(DiskAction::TakeOffline { reason, .. }) => {
+                assert!(reason.contains("in flight"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn three_times_in_an_hour_keeps_it_offline_but_old_events_expire() {
+        let h = DeviceHealth::default();
+        let mut w = DiskWatch::new(policy(), 0);
+        let t0 = Instant::now();
+        let mut now = t0;
+        // Two events, an hour apart each from the next: never retired.
+        for _ in 0..4 {
+            fail(&h);
+            assert!(matches!(
+                w.check(now, &h),
+                Some(DiskAction::TakeOffline { retired: false, .. })
+            ));
+            now += Duration::from_secs(3600);
+            assert_eq!(w.check(now, &h), Some(DiskAction::Validate));
+            assert_eq!(w.validated(now, &h, Ok(())), None);
+        }
+        // Three within the hour: retired, and stays so.
+        for i in 1..=3u32 {
+            fail(&h);
+            let action = w.check(now, &h);
+            assert!(
+                matches!(action, Some(DiskAction::TakeOffline { events, retired, .. }) if events == i && retired == (i == 3)),
+                "event {i}: {action:?}"
+            );
+            now += Duration::from_secs(60);
+            if i < 3 {
+                assert_eq!(w.check(now, &h), Some(DiskAction::Validate));
+                w.validated(now, &h, Ok(()));
+            }
+        }
+        assert_eq!(w.state().name(), "retired");
+        assert_eq!(w.check(now + Duration::from_secs(7200), &h), None);
+        assert!(h.is_offline());
+    }
+
+    #[test]
+    fn a_failed_validation_is_another_event() {
+        let h = DeviceHealth::default();
+        let mut w = DiskWatch::new(policy(), 0);
+        let t0 = Instant::now();
+        fail(&h);
+        w.check(t0, &h);
+        let t1 = t0 + Duration::from_secs(10);
+        assert_eq!(w.check(t1, &h), Some(DiskAction::Validate));
+        let action = w.validated(t1, &h, Err("superblock unreadable".into()));
+        assert!(matches!(
+            action,
+            Some(DiskAction::TakeOffline {
+                events: 2,
+                retired: false,
+                ..
+            })
+        ));
+        assert_eq!(w.state().name(), "offline");
+    }
+
+    #[test]
+    fn a_monitored_device_counts_errors_and_refuses_io_when_offline() {
+        use crate::faulty::{FaultConfig, FaultyDevice};
+        use crate::mem::MemDevice;
+        pollster::block_on(async {
+            let inner = FaultyDevice::new(
+                MemDevice::new("m", 1 << 20, 512),
+                FaultConfig {
+                    write_error_rate: 1.0,
+                    ..FaultConfig::default()
+                },
+            );
+            let dev = Monitored::new(inner);
+            let h = dev.health();
+            let buf = DmaBuf::new(4096);
+            assert!(dev.write(0, &buf).await.is_err());
+            assert_eq!(h.errors(), 1);
+            let mut out = DmaBuf::new(4096);
+            dev.read(0, &mut out).await.unwrap();
+            // Range errors are the caller's, not the disk's.
+            assert!(dev.read(1 << 20, &mut out).await.is_err());
+            assert_eq!(h.errors(), 1);
+            h.set_offline(true);
+            assert!(matches!(
+                dev.read(0, &mut out).await,
+                Err(DeviceError::Offline { .. })
+            ));
+            assert_eq!(h.oldest_in_flight(Instant::now()), None);
+            // Validation reaches the disk underneath.
+            dev.inner().read(0, &mut out).await.unwrap();
+        });
+    }
+}
