@@ -41,6 +41,7 @@ use dataplane::mesh::{CoreTarget, Mesh, RemoteTarget};
 use dataplane::metadata::{Expect, MetaError, MetaOp, MetadataStore};
 use dataplane::nbd;
 use dataplane::target::{ExportInfo, Exports};
+use dataplane::vdisk::oplog::vdisk_of_egroup;
 use dataplane::vdisk::{Vdisk, VdiskConfig, purge};
 use futures_lite::AsyncReadExt;
 use glommio::{LocalExecutorBuilder, Placement};
@@ -53,7 +54,8 @@ use crate::config::{NODE_CONFIG_FILE, NodeConfig};
 use crate::meta_store::ControlPlaneMetadata;
 use crate::size::human;
 use dataplane::replication::{
-    Ownership, ReplicaHost, ReplicaSet, free_vdisk_egroups, op as rop, reply,
+    HostLoad, Ownership, ReplicaCandidate, ReplicaHost, ReplicaSet, free_vdisk_egroups, op as rop,
+    rank_replicas, reply, vdisk_bytes,
 };
 use dataplane::transport::tcp::{TcpConfig, TcpTransport};
 use dataplane::transport::{Message, Transport};
@@ -619,6 +621,8 @@ struct CoreVdisks {
     disks: RefCell<HashMap<u128, DiskSlot>>,
     /// Vdisk id -> the device it is served from (here).
     served_on: RefCell<HashMap<u64, u128>>,
+    /// The config version whose deleted vdisks were last swept from the devices.
+    swept: Cell<Option<u64>>,
     exports: Rc<CoreExports>,
     /// Ownership records of the unreplicated vdisks (they change only when a vdisk is deleted).
     owners: RefCell<HashMap<u64, (Ownership, u64)>>,
@@ -833,28 +837,28 @@ impl CoreVdisks {
             .filter(|n| n.record.node_id != me && !n.record.data_addr.is_empty())
             .map(|n| n.record.node_id)
             .collect();
-        // Ping them all at once: the live ones, with their round-trip times.
-        let pings = candidates.iter().map(|&n| async move {
+        // Ping them all at once: the live ones, with their round-trip times, load and room.
+        let pings = candidates.iter().map(|&node| async move {
             let start = std::time::Instant::now();
-            self.ping(n).await.then(|| (n, start.elapsed()))
+            let load = self.ping_load(node).await?;
+            Some(ReplicaCandidate {
+                node,
+                rtt: start.elapsed(),
+                load,
+            })
         });
-        let mut live: Vec<(u64, Duration)> = futures_util::future::join_all(pings)
+        let live: Vec<ReplicaCandidate> = futures_util::future::join_all(pings)
             .await
             .into_iter()
             .flatten()
             .collect();
-        // Current replicas first (they keep their place), then the nearest (round trip in
-        // 250 µs steps), then a hash of (vdisk, node) to spread vdisks.
-        live.sort_by_key(|&(n, rtt)| {
-            (
-                !rec.replicas.contains(&n),
-                rtt.as_micros() / 250,
-                spread_hash(vdisk, n),
-            )
-        });
+        let need = self
+            .online_store(rec.device_uuid)
+            .map_or(0, |store| vdisk_bytes(&store, vdisk));
+        let ranked = rank_replicas(vdisk, &rec.replicas, need, &live);
         let mut taken = vec![domain(me)];
         let mut chosen = Vec::new();
-        for (n, _) in live {
+        for n in ranked {
             if chosen.len() == want {
                 break;
             }
@@ -880,6 +884,12 @@ impl CoreVdisks {
 
     /// Whether `node` answers a ping on its data port.
     async fn ping(&self, node: u64) -> bool {
+        self.ping_load(node).await.is_some()
+    }
+
+    /// `node`'s answer to a ping on its data port: what it says of its replica device (`None`
+    /// inside: nothing, an older node); `None`: no answer in time, or its device is offline.
+    async fn ping_load(&self, node: u64) -> Option<Option<HostLoad>> {
         let call = self.transport.call(
             node,
             Message {
@@ -891,7 +901,10 @@ impl CoreVdisks {
             glommio::timer::sleep(PING_TIMEOUT).await;
             Err(dataplane::transport::TransportError::Shutdown)
         };
-        matches!(futures_lite::future::or(call, limit).await, Ok(r) if r.op == reply::OK)
+        match futures_lite::future::or(call, limit).await {
+            Ok(r) if r.op == reply::OK => Some(HostLoad::decode(&r.payload)),
+            _ => None,
+        }
     }
 
     /// A replica's watch over the owner of `id`: true once the owner has not answered for
@@ -970,6 +983,43 @@ impl CoreVdisks {
         self.mirrors.borrow_mut().remove(&id);
         self.served_on.borrow_mut().remove(&id);
         Some(vd)
+    }
+
+    /// Frees what deleted vdisks left on this core's devices: extent groups (and metadata
+    /// keys) of vdisk ids the config counted (`view.last_vdisk_id`, read before its vdisks)
+    /// but no longer has: vdisks deleted while this node was down, or whose purge stopped
+    /// part-way. Once per config version.
+    async fn sweep_orphans(&self, view: &ConfigView) {
+        if self.swept.get() == Some(view.version) || view.last_vdisk_id == 0 {
+            return;
+        }
+        self.swept.set(Some(view.version));
+        let live: std::collections::HashSet<u64> =
+            view.vdisks.iter().map(|s| s.record.vdisk_id).collect();
+        let stores: Vec<u128> = self.stores.borrow().keys().copied().collect();
+        for uuid in stores {
+            let Some(store) = self.online_store(uuid) else {
+                continue;
+            };
+            let orphans: std::collections::BTreeSet<u64> = store
+                .egroups()
+                .iter()
+                .map(|e| vdisk_of_egroup(e.egid))
+                .filter(|id| *id <= view.last_vdisk_id && !live.contains(id))
+                .collect();
+            for id in orphans {
+                if self.exports.local.borrow().contains_key(&id) {
+                    continue; // still being stopped: the deleted-vdisk path purges it
+                }
+                match purge(&store, &*self.meta, id).await {
+                    Ok(n) => println!(
+                        "cairn node: {n} extent groups of deleted vdisk {id} freed on {}",
+                        self.disk_path(uuid)
+                    ),
+                    Err(e) => self.report(id, format!("freeing deleted vdisk {id}: {e}")),
+                }
+            }
+        }
     }
 
     /// The block store of device `uuid` if this core has it and it is online.
@@ -1416,6 +1466,7 @@ impl CoreVdisks {
             };
             let _ = events.send(CoreEvent::Removed(name, freed));
         }
+        self.sweep_orphans(view).await;
         // Replicas of deleted vdisks: free their copies (once the device is in service).
         if let Some(host) = self.host.as_ref().filter(|h| !h.is_offline()) {
             for id in host.known() {
@@ -1572,6 +1623,7 @@ async fn run_core(
         stores: RefCell::new(stores),
         disks: RefCell::new(disks),
         served_on: RefCell::default(),
+        swept: Cell::new(None),
         exports: exports.clone(),
         owners: RefCell::default(),
         transport: transport.clone(),
@@ -1751,17 +1803,6 @@ async fn validate_disk(
         report.egroups, report.journal_records_to_replay
     );
     Ok((Rc::new(store), health, summary))
-}
-
-/// A hash of (vdisk, node) that orders the candidate replica nodes of a vdisk (splitmix64).
-fn spread_hash(vdisk: u64, node: u64) -> u64 {
-    let mut z = vdisk
-        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
-        .wrapping_add(node)
-        .wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 /// Metadata key of node `node`'s published frontend addresses.

@@ -428,14 +428,39 @@ fn new_records() -> Vec<Arc<Mutex<Record>>> {
         .collect()
 }
 
-/// Starts the cluster and waits until vd0 is served with its replica; returns the owner.
-fn start_cluster(nodes: &mut [DataNode]) -> usize {
+/// Creates container `container` with replication factor `rf` and vdisk `name` in it.
+fn create_vdisk(ep: &str, container: &str, rf: u32, name: &str, size: &str) {
+    common::ok(
+        ep,
+        &["container", "create", container, "--rf", &rf.to_string()],
+    );
+    common::ok(
+        ep,
+        &[
+            "vdisk",
+            "create",
+            name,
+            "--container",
+            container,
+            "--size",
+            size,
+        ],
+    );
+}
+
+/// Starts every node and waits until each is ready.
+fn start_all(nodes: &mut [DataNode]) {
     for n in nodes.iter_mut() {
         n.start();
     }
     for n in nodes.iter() {
         n.wait_ready(1);
     }
+}
+
+/// Starts the cluster and waits until vd0 is served with its replica; returns the owner.
+fn start_cluster(nodes: &mut [DataNode]) -> usize {
+    start_all(nodes);
     wait_served(nodes, 2)
 }
 
@@ -772,26 +797,9 @@ fn rf3_survives_the_loss_of_two_nodes() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
     let mut nodes = cluster_with(dir.path(), &["127.0.0.1"; 5], "fault_tolerance = 2\n", "");
-    for n in nodes.iter_mut() {
-        n.start();
-    }
-    for n in &nodes {
-        n.wait_ready(1);
-    }
+    start_all(&mut nodes);
     let ep = nodes[0].grpc.clone();
-    common::ok(&ep, &["container", "create", "triple", "--rf", "3"]);
-    common::ok(
-        &ep,
-        &[
-            "vdisk",
-            "create",
-            "vd0",
-            "--container",
-            "triple",
-            "--size",
-            "256MiB",
-        ],
-    );
+    create_vdisk(&ep, "triple", 3, "vd0", "256MiB");
     let owner = wait_served(&nodes, 3);
     let (_, replicas) = owner_and_replicas(&nodes, &nodes[owner].nbd);
     let addrs: Vec<String> = nodes.iter().map(|n| n.nbd.clone()).collect();
@@ -964,4 +972,67 @@ fn a_failing_disk_goes_offline_its_vdisk_fails_over_and_it_is_readmitted() {
     {
         println!("  node {}: {line}", nodes[owner].id);
     }
+}
+
+/// A vdisk deleted while the node that holds it is down: when the node comes back it frees the
+/// vdisk's extent groups and metadata (a deleted vdisk leaks no space).
+#[test]
+fn a_vdisk_deleted_while_its_node_is_down_is_freed_when_it_returns() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = cluster_with(dir.path(), &["127.0.0.1"; 3], "", "");
+    start_all(&mut nodes);
+    let ep = nodes[0].grpc.clone();
+    create_vdisk(&ep, "single", 1, "gone", "64MiB");
+    // Whichever node claimed it serves it; write 4 MiB through it.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (holder, mut c) = loop {
+        let found = nodes
+            .iter()
+            .enumerate()
+            .find_map(|(i, n)| Client::connect_direct(&n.nbd, "gone").ok().map(|c| (i, c)));
+        if let Some(f) = found {
+            break f;
+        }
+        assert!(Instant::now() < deadline, "no node serves the new vdisk");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    for b in 0..1024u64 {
+        c.request(CMD_WRITE, b * 4096, 4096, Some(&block(b)))
+            .unwrap();
+    }
+    drop(c);
+    nodes[holder].kill9();
+    let other = (holder + 1) % nodes.len();
+    common::ok(
+        &nodes[other].grpc,
+        &["vdisk", "delete", "gone", "--container", "single"],
+    );
+    let said = nodes[holder].log().len();
+    nodes[holder].start();
+    nodes[holder].wait_ready(2);
+    // Its config replica catches up with the deletion either before the data plane looks at
+    // its devices (the sweep of deleted vdisks frees the orphan) or after it opened the vdisk
+    // from the stale view (the deleted-vdisk path stops and purges it).
+    let freed = |l: &&str| {
+        l.contains("extent groups of deleted vdisk")
+            || (l.contains("deleted from the cluster") && l.contains("extent groups freed"))
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let line = loop {
+        if let Some(l) = nodes[holder].log()[said..].lines().find(freed) {
+            break l.to_string();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node {} did not free the vdisk deleted while it was down:\n{}",
+            nodes[holder].id,
+            nodes[holder].log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    println!(
+        "node {} was down when vdisk gone was deleted; back, it says: {line}",
+        nodes[holder].id
+    );
 }

@@ -303,7 +303,8 @@ fn vdisk_key(container: &str, name: &str) -> Vec<u8> {
     format!("vdisk/{container}/{name}").into_bytes()
 }
 const CONTAINER_ID_KEY: &[u8] = b"counter/container_id";
-const VDISK_ID_KEY: &[u8] = b"counter/vdisk_id";
+/// Key of the last vdisk id handed out (a postcard `u64`).
+pub const VDISK_ID_KEY: &[u8] = b"counter/vdisk_id";
 
 fn check_name(kind: RecordKind, name: &str) -> Result<(), ConfigError> {
     let ok = !name.is_empty()

@@ -232,6 +232,9 @@ pub struct ConfigView {
     pub disks: Vec<Stored<DiskRecord>>,
     /// The shard directory: where each metadata shard lives and who leads it.
     pub shards: Vec<Stored<ShardRecord>>,
+    /// The last vdisk id handed out, read before [`Self::vdisks`]: a vdisk id at or below it
+    /// that is not among them belongs to a deleted vdisk.
+    pub last_vdisk_id: u64,
 }
 
 /// Starts a node's control plane.
@@ -630,7 +633,16 @@ impl Node {
     }
 
     async fn local_view(&self) -> Result<ConfigView, GroupError> {
+        // The counter first: every vdisk it counted that still exists is in the scan below.
+        let last_vdisk_id = self
+            .config
+            .group()
+            .get(crate::config_store::VDISK_ID_KEY, ReadConsistency::Local)
+            .await?
+            .and_then(|v| postcard::from_bytes::<u64>(&v.value).ok())
+            .unwrap_or(0);
         Ok(ConfigView {
+            last_vdisk_id,
             version: self.config.group().applied_version()?,
             cluster: self
                 .cluster_record(ReadConsistency::Local)

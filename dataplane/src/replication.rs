@@ -27,8 +27,13 @@
 //!   FREE                 egid u64                             -
 //!   READ                 egid u64, first u32, blocks u32      -
 //!   OPLOG_READ           offset u32, blocks u32               batch sequence
-//! reply: OK (payload: the data of a READ), STALE, FAILED or BAD_REQUEST (payload: why)
+//! reply: OK (payload: the data of a READ; of a PING, the host's [`HostLoad`]), STALE, FAILED
+//! or BAD_REQUEST (payload: why)
 //! ```
+//!
+//! Owners choose replica nodes with [`rank_replicas`]: current replicas keep their place, then
+//! the nearest by round trip, the least loaded (fewest copies held) and the emptiest, with a
+//! hash of (vdisk, node) to spread the rest; a node without room for the copy is passed over.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -42,7 +47,7 @@ use blockstore::{BlockDevice, BlockStore, DmaBuf, ExtentGroupId, StoreError};
 use crate::metadata::MetadataStore;
 use crate::transport::{Handler, Message, NodeId, Transport, TransportError};
 use crate::vdisk::extents::vdisk_prefix;
-use crate::vdisk::oplog::{BLOCK_BYTES, OPLOG_EGID_BIT, Oplog};
+use crate::vdisk::oplog::{BLOCK_BYTES, OPLOG_EGID_BIT, Oplog, vdisk_of_egroup};
 
 /// Request codes.
 pub mod op {
@@ -243,7 +248,7 @@ impl ReplicaOp {
             }
         };
         let egid = |e: u64| {
-            if (e & !OPLOG_EGID_BIT) >> 24 == m.vdisk && e & OPLOG_EGID_BIT == 0 {
+            if vdisk_of_egroup(e) == m.vdisk && e & OPLOG_EGID_BIT == 0 {
                 Ok(e)
             } else {
                 Err("extent group is not one of the vdisk's")
@@ -634,6 +639,20 @@ impl<D: BlockDevice + 'static, M: MetadataStore + 'static> ReplicaHost<D, M> {
         self.store.borrow().clone()
     }
 
+    /// What this host says of itself in its answer to PING.
+    pub fn load(&self) -> HostLoad {
+        let stats = self.store().stats();
+        HostLoad {
+            free_bytes: stats.capacity_bytes.saturating_sub(stats.allocated_bytes),
+            copies: self
+                .vdisks
+                .borrow()
+                .values()
+                .filter(|r| r.streaming)
+                .count() as u32,
+        }
+    }
+
     /// Whether the device is out of service.
     pub fn is_offline(&self) -> bool {
         self.offline.get()
@@ -917,7 +936,9 @@ impl<D: BlockDevice + 'static, M: MetadataStore + 'static> Handler for ReplicaHo
             return answer(reply::FAILED, why);
         }
         if request.op == op::PING {
-            return answer(reply::OK, String::new());
+            let mut pong = answer(reply::OK, String::new());
+            pong.payload = self.load().encode();
+            return pong;
         }
         let change = match ReplicaOp::from_message(&request) {
             Ok(c) => c,
@@ -975,11 +996,108 @@ pub async fn free_vdisk_egroups<D: BlockDevice>(
     Ok(freed)
 }
 
+/// What a replica host says about itself in its answer to PING (little-endian): version `1`
+/// u8, free bytes of its device u64, copies it keeps (vdisks streamed to it) u32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HostLoad {
+    /// Unallocated bytes of the replica device.
+    pub free_bytes: u64,
+    /// Vdisk copies the host keeps.
+    pub copies: u32,
+}
+
+impl HostLoad {
+    const VERSION: u8 = 1;
+    const LEN: usize = 13;
+
+    /// The ping payload.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(Self::LEN);
+        out.push(Self::VERSION);
+        out.extend_from_slice(&self.free_bytes.to_le_bytes());
+        out.extend_from_slice(&self.copies.to_le_bytes());
+        out
+    }
+
+    /// Decodes a ping payload; `None` if empty (an older node), of another version or short.
+    pub fn decode(b: &[u8]) -> Option<HostLoad> {
+        if b.len() < Self::LEN || b[0] != Self::VERSION {
+            return None;
+        }
+        Some(HostLoad {
+            free_bytes: u64::from_le_bytes(b[1..9].try_into().ok()?),
+            copies: u32::from_le_bytes(b[9..13].try_into().ok()?),
+        })
+    }
+}
+
+/// A node that answered an owner's ping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicaCandidate {
+    /// The node.
+    pub node: NodeId,
+    /// Its ping's round trip.
+    pub rtt: std::time::Duration,
+    /// What it said of itself (`None`: nothing, an older node).
+    pub load: Option<HostLoad>,
+}
+
+/// Orders the candidate replica nodes of `vdisk`, best first: current replicas (they hold the
+/// copy already), then by round trip in 250 µs steps, copies held, free space in 1 GiB steps
+/// (more first), and a hash of (vdisk, node) that spreads vdisks over equal nodes. Nodes that
+/// report less free space than `need_bytes` (the copy's size) are left out.
+pub fn rank_replicas(
+    vdisk: u64,
+    current: &[NodeId],
+    need_bytes: u64,
+    candidates: &[ReplicaCandidate],
+) -> Vec<NodeId> {
+    let mut ranked: Vec<&ReplicaCandidate> = candidates
+        .iter()
+        .filter(|c| current.contains(&c.node) || c.load.is_none_or(|l| l.free_bytes >= need_bytes))
+        .collect();
+    ranked.sort_by_key(|c| {
+        let (copies, free_gib) = c
+            .load
+            .map_or((u32::MAX, 0), |l| (l.copies, l.free_bytes >> 30));
+        (
+            !current.contains(&c.node),
+            c.rtt.as_micros() / 250,
+            copies,
+            std::cmp::Reverse(free_gib),
+            spread_hash(vdisk, c.node),
+        )
+    });
+    ranked.into_iter().map(|c| c.node).collect()
+}
+
+/// A hash of (vdisk, node) that orders otherwise equal candidate nodes (splitmix64).
+fn spread_hash(vdisk: u64, node: u64) -> u64 {
+    let mut z = vdisk
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add(node)
+        .wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Bytes of `vdisk`'s extent groups on `store` (what a full copy of it takes).
+pub fn vdisk_bytes<D: BlockDevice>(store: &BlockStore<D>, vdisk: u64) -> u64 {
+    let egroup = u64::from(store.layout().egroup_bytes);
+    let held = store
+        .egroups()
+        .iter()
+        .filter(|e| vdisk_of_egroup(e.egid) == vdisk)
+        .count() as u64;
+    held * egroup
+}
+
 /// Frees every extent group of `vdisk` on `store` (not yet durable: flush after).
 fn free_now<D: BlockDevice>(store: &BlockStore<D>, vdisk: u64) -> Result<usize, StoreError> {
     let mut freed = 0;
     for e in store.egroups() {
-        if (e.egid & !OPLOG_EGID_BIT) >> 24 == vdisk {
+        if vdisk_of_egroup(e.egid) == vdisk {
             store.free(e.egid)?;
             freed += 1;
         }
@@ -990,6 +1108,49 @@ fn free_now<D: BlockDevice>(store: &BlockStore<D>, vdisk: u64) -> Result<usize, 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replicas_are_ranked_by_place_distance_load_and_room() {
+        use std::time::Duration;
+        let c = |node, rtt_us, copies, free_gib: u64| ReplicaCandidate {
+            node,
+            rtt: Duration::from_micros(rtt_us),
+            load: Some(HostLoad {
+                free_bytes: free_gib << 30,
+                copies,
+            }),
+        };
+        let all = [
+            c(2, 100, 5, 100),
+            c(3, 120, 1, 100),
+            c(4, 110, 1, 500),
+            c(5, 900, 0, 900),
+            c(6, 100, 0, 0),
+        ];
+        // Same distance bucket for 2, 3, 4, 6: fewest copies first, then most room; 6 has no
+        // room for a 1 GiB copy; 5 is far.
+        assert_eq!(rank_replicas(7, &[], 1 << 30, &all), vec![4, 3, 2, 5]);
+        // A current replica keeps its place even when full.
+        assert_eq!(rank_replicas(7, &[6], 1 << 30, &all)[0], 6);
+        // Nodes that said nothing (older) rank after those that did, in the same bucket.
+        let old = ReplicaCandidate {
+            node: 9,
+            rtt: Duration::from_micros(100),
+            load: None,
+        };
+        assert_eq!(
+            rank_replicas(7, &[], 0, &[old, c(2, 100, 5, 1)]),
+            vec![2, 9]
+        );
+        // The ping payload round-trips; an empty or foreign one is unknown.
+        let l = HostLoad {
+            free_bytes: 123 << 30,
+            copies: 7,
+        };
+        assert_eq!(HostLoad::decode(&l.encode()), Some(l));
+        assert_eq!(HostLoad::decode(&[]), None);
+        assert_eq!(HostLoad::decode(&[2; 13]), None);
+    }
 
     #[test]
     fn ownership_round_trips_and_refuses_damage() {

@@ -41,6 +41,12 @@ use blockstore::{BlockDevice, BlockStore, DmaBuf, ExtentGroupId, StoreError};
 pub const BLOCK_BYTES: usize = 4096;
 /// Oplog extent group ids have this bit set (extent store ids never do).
 pub const OPLOG_EGID_BIT: u64 = 1 << 62;
+
+/// The vdisk an extent group belongs to (oplog or extent store): extent-group ids carry their
+/// vdisk's id above their 24-bit sequence number.
+pub fn vdisk_of_egroup(egid: u64) -> u64 {
+    (egid & !OPLOG_EGID_BIT) >> 24
+}
 /// Largest entry in blocks: writes are split into entries of at most 256 KiB.
 pub const MAX_ENTRY_BLOCKS: u32 = 64;
 /// Entries per batch (what fits in the header slice).
@@ -318,7 +324,7 @@ impl<D: BlockDevice> Oplog<D> {
             .egroups()
             .iter()
             .map(|e| e.egid)
-            .filter(|&e| e & OPLOG_EGID_BIT != 0 && (e & !OPLOG_EGID_BIT) >> 24 == vdisk)
+            .filter(|&e| e & OPLOG_EGID_BIT != 0 && vdisk_of_egroup(e) == vdisk)
             .collect();
         mine.sort_by_key(|e| e & 0x00FF_FFFF);
         let uuid = store.superblock().uuid;

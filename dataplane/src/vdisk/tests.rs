@@ -374,7 +374,7 @@ fn purge_releases_a_deleted_vdisk_and_nothing_else() {
             store
                 .egroups()
                 .iter()
-                .filter(|e| (e.egid & !oplog::OPLOG_EGID_BIT) >> 24 == v)
+                .filter(|e| oplog::vdisk_of_egroup(e.egid) == v)
                 .count()
         };
         let (keep_groups, doomed_groups) = (used(1), used(2));
