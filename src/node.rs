@@ -292,6 +292,8 @@ const FAILOVER_AFTER: Duration = Duration::from_secs(3);
 const PING_TIMEOUT: Duration = Duration::from_millis(500);
 /// How often a core reports its devices' usage.
 const DEVICE_REPORT_INTERVAL: Duration = Duration::from_secs(10);
+/// How long a starting node waits for its ports to be released by a node that just died.
+const PORT_RELEASE_WAIT: Duration = Duration::from_secs(10);
 /// Name of the cluster a founder creates.
 const DEFAULT_CLUSTER_NAME: &str = "cairn";
 
@@ -317,11 +319,19 @@ fn check_ports_free(cfg: &NodeConfig) -> Result<()> {
         if addr.ip().is_unspecified() {
             addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
         }
-        if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok() {
-            bail!(
-                "{what} port {addr} is taken by another process: is another node running with \
-                 the same address and ports?"
-            );
+        // A node killed a moment ago may still answer: io_uring tears a dead process's ring
+        // down in a kernel worker, and the ring's pending accept keeps the listening socket
+        // alive until then (seen after kill -9 on a loaded machine). A live process keeps
+        // answering for the whole wait.
+        let deadline = std::time::Instant::now() + PORT_RELEASE_WAIT;
+        while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(500)).is_ok() {
+            if std::time::Instant::now() >= deadline {
+                bail!(
+                    "{what} port {addr} is taken by another process: is another node running \
+                     with the same address and ports?"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
         }
     }
     Ok(())
@@ -1433,6 +1443,20 @@ impl CoreVdisks {
                 }
                 self.reported.borrow_mut().remove(&v.vdisk_id);
                 let _ = events.send(CoreEvent::Serving(export.clone()));
+            }
+            // Grown in the config (`cairn vdisk resize`): grown while served.
+            let grown = self
+                .exports
+                .local
+                .borrow()
+                .get(&v.vdisk_id)
+                .is_some_and(|vd| vd.grow(v.size_bytes));
+            if grown {
+                println!(
+                    "cairn node: vdisk {} grown to {} while served",
+                    v.name,
+                    human(v.size_bytes)
+                );
             }
             all.push(export);
         }

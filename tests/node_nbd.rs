@@ -277,13 +277,28 @@ fn vdisks_created_with_the_cli_are_served_and_survive_kill_9() {
     );
     assert!(back[data.len()..].iter().all(|&b| b == 0));
 
+    // Grown while served: a new session sees the new size at once, without a restart.
+    let (ok, text) = cli(grpc, &["vdisk", "resize", "vd1", "--size", "128MiB"]);
+    assert!(ok, "{text}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = Command::new("nbdinfo").arg(&uri).output().unwrap();
+        let info = String::from_utf8_lossy(&out.stdout);
+        if info.contains("export-size: 134217728") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "vd1 was not grown: {info}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
     let (ok, text) = cli(grpc, &["vdisk", "delete", "vd1"]);
     assert!(ok, "{text}");
     let list = wait_for_exports(p, |l| !l.contains("export=\"vd1\""));
     assert!(list.contains("export=\"vd0\""), "{list}");
     let log = node.stop();
     assert!(
-        log.contains("vdisk vd1 deleted from the cluster")
+        log.contains("vdisk vd1 grown to 128.0 MiB while served")
+            && log.contains("vdisk vd1 deleted from the cluster")
             && log.contains("extent groups freed")
             && !log.contains("(0 extent groups freed)"),
         "the deleted vdisk's space is released: {log}"

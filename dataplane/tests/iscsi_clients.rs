@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use dataplane::iscsi::{ChapSecrets, IscsiConfig, ServeSummary, serve};
+use dataplane::iscsi::{ChapSecrets, DEFAULT_WRITE_BUFFER_BYTES, IscsiConfig, ServeSummary, serve};
 use dataplane::nbd::Shutdown;
 use dataplane::target::{BlockTarget, ExportInfo, Exports, TargetError};
 use glommio::LocalExecutorBuilder;
@@ -120,6 +120,12 @@ impl TestServer {
     }
 
     fn start_on(port: u16) -> TestServer {
+        TestServer::start_with(port, DEFAULT_WRITE_BUFFER_BYTES)
+    }
+
+    /// A server on `port` (0: any) whose connections hold at most `write_buffer` bytes of
+    /// write data.
+    fn start_with(port: u16, write_buffer: u64) -> TestServer {
         let (port_tx, port_rx) = std::sync::mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let stop_flag = stop.clone();
@@ -131,6 +137,7 @@ impl TestServer {
                 let addr = listener.local_addr().expect("local addr");
                 port_tx.send(addr.port()).expect("send port");
                 let mut config = IscsiConfig::new(addr.to_string());
+                config.write_buffer_bytes = write_buffer;
                 config.chap.insert(
                     "secure".into(),
                     ChapSecrets {
@@ -448,6 +455,36 @@ impl RawInitiator {
         }
     }
 
+    /// Sends a WRITE(10) command of `len` bytes at `lba` without data; returns its tag.
+    fn send_write10(&mut self, lba: u32, len: usize) -> u32 {
+        let itt = self.next_itt();
+        let mut h = bhs(0x01, 0x80 | 0x20 | 0x01, 0);
+        h[16..20].copy_from_slice(&itt.to_be_bytes());
+        h[20..24].copy_from_slice(&(len as u32).to_be_bytes());
+        h[24..28].copy_from_slice(&self.take_cmd_sn().to_be_bytes());
+        h[32] = 0x2a;
+        h[34..38].copy_from_slice(&lba.to_be_bytes());
+        h[39..41].copy_from_slice(&((len / 512) as u16).to_be_bytes());
+        self.send(&h, &[]);
+        itt
+    }
+
+    /// Answers the R2T `r2t` of task `itt` with its burst of `data`.
+    fn answer_r2t(&mut self, itt: u32, r2t: &[u8; 48], data: &[u8]) {
+        let offset = u32::from_be_bytes(r2t[40..44].try_into().unwrap()) as usize;
+        let len = u32::from_be_bytes(r2t[44..48].try_into().unwrap()) as usize;
+        for (sn, at) in (offset..offset + len).step_by(8192).enumerate() {
+            let n = (offset + len - at).min(8192);
+            let last = at + n == offset + len;
+            let mut d = bhs(0x05, if last { 0x80 } else { 0 }, n);
+            d[16..20].copy_from_slice(&itt.to_be_bytes());
+            d[20..24].copy_from_slice(&r2t[20..24]);
+            d[36..40].copy_from_slice(&(sn as u32).to_be_bytes());
+            d[40..44].copy_from_slice(&(at as u32).to_be_bytes());
+            self.send(&d, &data[at..at + n]);
+        }
+    }
+
     /// READ(10); returns the status and the data.
     fn read10(&mut self, lba: u32, blocks: u16) -> (u8, Vec<u8>) {
         let itt = self.next_itt();
@@ -540,6 +577,76 @@ fn raw_round_trip_with_r2t_and_immediate_data() {
         assert_eq!(status, 2);
         c.logout();
     }
+    let summary = server.stop();
+    assert_eq!(summary.failed, 0, "{summary:?}");
+}
+
+/// A connection holds at most its write-buffer budget of write data: with 1 MiB, two 512 KiB
+/// writes get their R2Ts at once and a third only when the first has run.
+#[test]
+fn writes_beyond_the_buffer_budget_wait_for_their_r2t() {
+    let server = TestServer::start_with(0, 1 << 20);
+    let mut c = RawInitiator::login(
+        server.port,
+        "vd0",
+        "MaxRecvDataSegmentLength=8192\0ImmediateData=No\0InitialR2T=Yes\0\
+         MaxBurstLength=262144\0",
+    );
+    let len = 512 << 10;
+    let data: Vec<Vec<u8>> = (0..3).map(|i| random_bytes(len, 40 + i)).collect();
+    let itts: Vec<u32> = (0..3u32).map(|i| c.send_write10(i * 1024, len)).collect();
+    let task = |h: &[u8; 48]| {
+        let itt = u32::from_be_bytes(h[16..20].try_into().unwrap());
+        itts.iter().position(|&t| t == itt).expect("a task of ours")
+    };
+    // Events in the order they arrive; R2Ts of writes other than the first are held back
+    // until it has completed.
+    let mut events = Vec::new();
+    let mut held = Vec::new();
+    let mut statuses = [None; 3];
+    while statuses.iter().any(Option::is_none) {
+        let (h, _) = c.recv();
+        let t = task(&h);
+        match h[0] & 0x3f {
+            0x31 => {
+                events.push(format!("R2T {t}"));
+                if t == 0 || statuses[0].is_some() {
+                    c.answer_r2t(itts[t], &h, &data[t]);
+                } else {
+                    held.push((t, h));
+                }
+            }
+            0x21 => {
+                events.push(format!("response {t}"));
+                statuses[t] = Some(h[3]);
+                if t == 0 {
+                    for (t, h) in std::mem::take(&mut held) {
+                        c.answer_r2t(itts[t], &h, &data[t]);
+                    }
+                }
+            }
+            other => panic!("unexpected opcode {other:#x}"),
+        }
+    }
+    assert_eq!(statuses, [Some(0); 3], "{events:?}");
+    // The third is solicited only once the first has all its data (its buffer is freed when
+    // it has run, just before its response).
+    let first_r2t_of_2 = events.iter().position(|e| e == "R2T 2").unwrap();
+    let last_r2t_of_0 = events.iter().rposition(|e| e == "R2T 0").unwrap();
+    assert!(
+        first_r2t_of_2 > last_r2t_of_0,
+        "the third write was solicited before the budget had room: {events:?}"
+    );
+    assert!(
+        events[..2].iter().all(|e| e == "R2T 0" || e == "R2T 1"),
+        "{events:?}"
+    );
+    for (i, d) in data.iter().enumerate() {
+        let (status, got) = c.read10(i as u32 * 1024, 1024);
+        assert_eq!(status, 0);
+        assert!(got == *d, "write {i} read back differs");
+    }
+    c.logout();
     let summary = server.stop();
     assert_eq!(summary.failed, 0, "{summary:?}");
 }

@@ -29,7 +29,7 @@ mod session;
 
 pub use login::ChapSecrets;
 pub use server::{
-    ConnError, DEFAULT_TARGET_PREFIX, IscsiConfig, MAX_CONNECTIONS, Registry, ServeError,
-    ServeSummary, handle_connection, handle_connection_with, serve,
+    ConnError, DEFAULT_TARGET_PREFIX, DEFAULT_WRITE_BUFFER_BYTES, IscsiConfig, MAX_CONNECTIONS,
+    Registry, ServeError, ServeSummary, handle_connection, handle_connection_with, serve,
 };
 pub use session::{MAX_WRITE_BYTES, QUEUE_DEPTH};

@@ -89,6 +89,8 @@ impl Sense {
     pub const NO_SPACE: Sense = Sense::new(key::DATA_PROTECT, 0x27, 0x07);
     /// UNIT ATTENTION: BUS DEVICE RESET FUNCTION OCCURRED.
     pub const RESET_OCCURRED: Sense = Sense::new(0x6, 0x29, 0x03);
+    /// UNIT ATTENTION: CAPACITY DATA HAS CHANGED.
+    pub const CAPACITY_CHANGED: Sense = Sense::new(0x6, 0x2a, 0x09);
     /// ABORTED COMMAND: DATA PHASE ERROR (Data-Out out of sequence).
     pub const DATA_PHASE_ERROR: Sense = Sense::new(0xb, 0x4b, 0x00);
     /// LOGICAL UNIT NOT READY, CAUSE NOT REPORTABLE.
@@ -285,6 +287,8 @@ pub struct LuShared {
     pub nexuses: RefCell<Vec<Nexus>>,
     /// Pending unit attention conditions, reported once each.
     pub unit_attentions: RefCell<Vec<(Nexus, Sense)>>,
+    /// The capacity the initiators were last told of (0: not yet seen).
+    pub capacity: Cell<u64>,
 }
 
 impl Default for LuShared {
@@ -296,6 +300,7 @@ impl Default for LuShared {
             locks: RangeLock::default(),
             nexuses: RefCell::default(),
             unit_attentions: RefCell::default(),
+            capacity: Cell::new(0),
         }
     }
 }
@@ -339,6 +344,19 @@ impl LuShared {
             if !ua.iter().any(|(n, _)| n == nexus) {
                 ua.push((nexus.clone(), Sense::RESET_OCCURRED));
             }
+        }
+    }
+
+    /// The unit's capacity is `bytes` now: when it changed (the vdisk was grown while served),
+    /// every I_T nexus gets a unit attention (CAPACITY DATA HAS CHANGED), as SBC-4 asks.
+    pub fn note_capacity(&self, bytes: u64) {
+        let known = self.capacity.replace(bytes);
+        if known == 0 || known == bytes {
+            return;
+        }
+        let mut ua = self.unit_attentions.borrow_mut();
+        for nexus in self.nexuses.borrow().iter() {
+            ua.push((nexus.clone(), Sense::CAPACITY_CHANGED));
         }
     }
 
@@ -589,6 +607,7 @@ async fn dispatch<T: BlockTarget>(
         }
         .into());
     };
+    lu.shared.note_capacity(lu.target.size_bytes());
     if !matches!(cdb[0], 0x12 | 0xa0 | 0x03)
         && let Some(ua) = lu.shared.take_unit_attention(nexus)
     {
@@ -1673,6 +1692,30 @@ mod tests {
         assert_eq!(bad.status, status::CHECK_CONDITION);
         let fixed = Sense::LBA_OUT_OF_RANGE.fixed();
         assert_eq!((fixed[0], fixed[2], fixed[12]), (0x70, 5, 0x21));
+    }
+
+    #[test]
+    fn a_grown_unit_raises_capacity_data_has_changed_once_per_nexus() {
+        let lu = lu();
+        let a = Nexus::new("a", &[0; 6]);
+        let b = Nexus::new("b", &[0; 6]);
+        lu.shared.nexus_added(&a);
+        lu.shared.nexus_added(&b);
+        let tur = [0x00];
+        assert_eq!(run(&lu, &a, &tur, &[]).status, status::GOOD);
+        lu.target.0.borrow_mut().resize(2 << 20, 0);
+        for n in [&a, &b] {
+            assert_eq!(run(&lu, n, &tur, &[]).sense, Some(Sense::CAPACITY_CHANGED));
+            assert_eq!(run(&lu, n, &tur, &[]).status, status::GOOD);
+        }
+        // READ CAPACITY(16) reports the new size: 4096 blocks of 512 bytes, last LBA 4095.
+        let rc = run(
+            &lu,
+            &a,
+            &[0x9e, 0x10, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 32, 0, 0],
+            &[],
+        );
+        assert_eq!(&rc.data[..8], &4095u64.to_be_bytes());
     }
 
     #[test]

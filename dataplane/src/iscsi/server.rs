@@ -45,7 +45,13 @@ pub struct IscsiConfig {
     pub chap: HashMap<String, ChapSecrets>,
     /// CHAP secrets required for discovery sessions (`None`: open discovery).
     pub discovery_chap: Option<ChapSecrets>,
+    /// Write data a connection may hold or have solicited at once (writes beyond it wait for
+    /// their R2Ts); one write alone is always let in.
+    pub write_buffer_bytes: u64,
 }
+
+/// Default of [`IscsiConfig::write_buffer_bytes`]: two of the largest writes accepted.
+pub const DEFAULT_WRITE_BUFFER_BYTES: u64 = 128 << 20;
 
 impl IscsiConfig {
     /// A configuration advertising `portal`, with the default prefix, tag 1 and no CHAP.
@@ -56,6 +62,7 @@ impl IscsiConfig {
             portal_group_tag: 1,
             chap: HashMap::new(),
             discovery_chap: None,
+            write_buffer_bytes: DEFAULT_WRITE_BUFFER_BYTES,
         }
     }
 

@@ -13,6 +13,11 @@
 //!   and for a write collects immediate data, unsolicited Data-Out (FirstBurstLength, when
 //!   InitialR2T=No) and solicited Data-Out, sending one R2T (MaxOutstandingR2T=1) of at most
 //!   MaxBurstLength at a time. Only when all data is in does the command run.
+//! * Write data is held within a per-connection budget ([`IscsiConfig::write_buffer_bytes`]):
+//!   a write that needs R2Ts gets its buffer and its first R2T only when the bytes it will
+//!   hold fit (first come, first served; one write alone always fits), so an initiator cannot
+//!   make the target buffer 128 commands x 64 MiB. Immediate and unsolicited data are bounded
+//!   by FirstBurstLength per command.
 //! * Each SCSI command runs as its own task on the executor, so commands overlap (queue depth
 //!   [`QUEUE_DEPTH`]: MaxCmdSN = ExpCmdSN + depth - 1 - commands in flight, which is the
 //!   back-pressure: an initiator may not send past MaxCmdSN).
@@ -26,7 +31,7 @@
 //! stream cannot be trusted any more (digest error, oversized segment), ends the connection.
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::rc::Rc;
 
@@ -295,7 +300,10 @@ enum TaskState {
 
 struct Collect {
     cdb: [u8; 16],
+    /// The data so far: `edtl` bytes once the budget granted them, else the unsolicited part.
     buf: Vec<u8>,
+    /// The budget taken for `buf` (`None`: waiting for it; no R2T is sent meanwhile).
+    reservation: Option<Reservation>,
     received: u32,
     /// End of the burst the initiator is sending now (unsolicited, or the current R2T).
     burst_end: u32,
@@ -336,8 +344,51 @@ impl Seq {
 }
 
 /// A logged-in session in the full feature phase.
+/// The write data a session holds, within [`IscsiConfig::write_buffer_bytes`].
+struct WriteBudget {
+    limit: u64,
+    used: Cell<u64>,
+    /// Writes waiting for budget, oldest first (task tags).
+    waiting: RefCell<VecDeque<u32>>,
+}
+
+impl WriteBudget {
+    /// Takes `bytes` if they fit (or nothing else is held) and no older write waits.
+    fn take(self: &Rc<Self>, bytes: u64) -> Option<Reservation> {
+        let used = self.used.get();
+        let fits = used == 0 || used + bytes <= self.limit;
+        if !fits || !self.waiting.borrow().is_empty() {
+            return None;
+        }
+        Some(self.take_anyway(bytes))
+    }
+
+    /// Takes `bytes` already held (immediate or unsolicited data of a complete write).
+    fn take_anyway(self: &Rc<Self>, bytes: u64) -> Reservation {
+        self.used.set(self.used.get() + bytes);
+        Reservation {
+            budget: self.clone(),
+            bytes,
+        }
+    }
+}
+
+/// Bytes of a [`WriteBudget`] held until dropped (with the write's buffer).
+struct Reservation {
+    budget: Rc<WriteBudget>,
+    bytes: u64,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let b = &self.budget;
+        b.used.set(b.used.get().saturating_sub(self.bytes));
+    }
+}
+
 struct Session<T, S> {
     stream: Rc<SharedStream<S>>,
+    budget: Rc<WriteBudget>,
     params: SessionParams,
     lu: Option<Rc<Lu<T>>>,
     nexus: Nexus,
@@ -397,6 +448,11 @@ where
     }
     let session = Rc::new(Session {
         stream,
+        budget: Rc::new(WriteBudget {
+            limit: config.write_buffer_bytes,
+            used: Cell::new(0),
+            waiting: RefCell::default(),
+        }),
         nexus,
         lu,
         seq: Seq {
@@ -802,35 +858,90 @@ fn scsi_command<T, S>(
         let mut buf = immediate_data;
         buf.truncate(edtl as usize);
         let received = buf.len() as u32;
-        buf.resize(edtl as usize, 0);
         if received < edtl {
             let unsolicited_end = if c.final_bit {
                 received
             } else {
                 edtl.min(p.first_burst).max(received)
             };
+            // A write that needs R2Ts waits for its budget; one whose data all comes
+            // unsolicited (at most FirstBurstLength) is coming anyway.
+            let reservation = if unsolicited_end < edtl {
+                session.budget.take(u64::from(edtl))
+            } else {
+                Some(session.budget.take_anyway(u64::from(edtl)))
+            };
+            let held = if reservation.is_some() {
+                edtl
+            } else {
+                unsolicited_end
+            };
+            buf.resize(held as usize, 0);
+            let granted = reservation.is_some();
             let mut collect = Box::new(Collect {
                 cdb,
                 buf,
+                reservation,
                 received,
                 burst_end: unsolicited_end,
                 r2t_sn: 0,
                 ttt: RESERVED_TAG,
                 data_sn: 0,
             });
-            if received == unsolicited_end {
+            if !granted {
+                session.budget.waiting.borrow_mut().push_back(c.itt);
+            } else if received == unsolicited_end {
                 send_r2t(session, c.itt, c.lun, edtl, &mut collect);
             }
             task.state = TaskState::Collecting(collect);
             session.tasks.borrow_mut().insert(c.itt, task);
             return;
         }
+        let held = session.budget.take_anyway(u64::from(edtl));
         session.tasks.borrow_mut().insert(c.itt, task);
-        start(session, lu, c.itt, c.lun, cdb, buf, aborted, 0);
-        return;
+        return start(
+            session,
+            lu,
+            c.itt,
+            c.lun,
+            cdb,
+            (buf, Some(held)),
+            aborted,
+            0,
+        );
     }
     session.tasks.borrow_mut().insert(c.itt, task);
-    start(session, lu, c.itt, c.lun, cdb, Vec::new(), aborted, 0);
+    let no_data = (Vec::new(), None);
+    start(session, lu, c.itt, c.lun, cdb, no_data, aborted, 0);
+}
+
+/// Gives waiting writes their budget, oldest first, and sends their first R2T (once their
+/// unsolicited data, if any, is in). Called whenever budget may have been freed.
+fn grant<T, S>(session: &Session<T, S>) {
+    loop {
+        let Some(itt) = session.budget.waiting.borrow().front().copied() else {
+            return;
+        };
+        let mut tasks = session.tasks.borrow_mut();
+        let waiting = tasks.get_mut(&itt).and_then(|t| match &mut t.state {
+            TaskState::Collecting(c) if c.reservation.is_none() => Some((t.edtl, t.lun, c)),
+            _ => None,
+        });
+        let Some((edtl, lun, collect)) = waiting else {
+            session.budget.waiting.borrow_mut().pop_front(); // gone (aborted, failed)
+            continue;
+        };
+        let used = session.budget.used.get();
+        if used != 0 && used + u64::from(edtl) > session.budget.limit {
+            return;
+        }
+        session.budget.waiting.borrow_mut().pop_front();
+        collect.reservation = Some(session.budget.take_anyway(u64::from(edtl)));
+        collect.buf.resize(edtl as usize, 0);
+        if collect.received >= collect.burst_end {
+            send_r2t(session, itt, lun, edtl, collect);
+        }
+    }
 }
 
 /// Sends the next R2T for a collecting task.
@@ -890,6 +1001,7 @@ where
             sense: Some(scsi::Sense::DATA_PHASE_ERROR),
         };
         finish(session, c.itt, outcome, false, None, 0);
+        grant(session);
         return Ok(());
     }
     collect.data_sn = collect.data_sn.wrapping_add(1);
@@ -897,6 +1009,11 @@ where
     if end > u64::from(edtl) {
         return Err(ConnError::Protocol(
             "Data-Out past the expected transfer length",
+        ));
+    }
+    if end > collect.buf.len() as u64 {
+        return Err(ConnError::Protocol(
+            "Data-Out beyond the unsolicited burst before any R2T",
         ));
     }
     collect.buf[offset as usize..end as usize].copy_from_slice(data);
@@ -909,6 +1026,12 @@ where
         let aborted = task.aborted.clone();
         let r2ts = collect.r2t_sn;
         drop(tasks);
+        let Collect {
+            cdb,
+            buf,
+            reservation,
+            ..
+        } = *collect;
         let lu = session
             .lu
             .clone()
@@ -918,14 +1041,15 @@ where
             lu,
             c.itt,
             lun,
-            collect.cdb,
-            collect.buf,
+            cdb,
+            (buf, reservation),
             aborted,
             r2ts,
         );
         return Ok(());
     }
-    if c.final_bit && collect.received >= collect.burst_end {
+    // A write still waiting for its budget gets its first R2T from `grant`.
+    if c.final_bit && collect.received >= collect.burst_end && collect.reservation.is_some() {
         send_r2t(session, c.itt, lun, edtl, collect);
     }
     Ok(())
@@ -939,7 +1063,7 @@ fn start<T, S>(
     itt: u32,
     lun: u64,
     cdb: [u8; 16],
-    data: Vec<u8>,
+    (data, held): (Vec<u8>, Option<Reservation>),
     aborted: Rc<Cell<bool>>,
     r2ts: u32,
 ) where
@@ -950,6 +1074,10 @@ fn start<T, S>(
     glommio::spawn_local(async move {
         let outcome = scsi::execute(&lu, &session.nexus, lun, &cdb, &data).await;
         drop(data);
+        if held.is_some() {
+            drop(held);
+            grant(&session);
+        }
         if aborted.get() {
             let task = session.tasks.borrow_mut().remove(&itt);
             if let Some(task) = task
@@ -1087,6 +1215,9 @@ fn abort<T, S>(session: &Session<T, S>, pred: impl Fn(u32, &Task) -> bool) -> Ve
         .seq
         .in_flight
         .set(session.seq.in_flight.get() - freed);
+    drop(tasks);
+    // The dropped writes gave back their budget.
+    grant(session);
     found
 }
 

@@ -187,6 +187,8 @@ pub struct VdiskStats {
 /// One virtual disk on its owner core.
 pub struct Vdisk<D: BlockDevice, M: MetadataStore> {
     cfg: VdiskConfig,
+    /// Current size: `cfg.size_bytes` when opened, larger once grown ([`Vdisk::grow`]).
+    size: Cell<u64>,
     oplog: Oplog<D>,
     extents: ExtentStore<D, M>,
     cache: Rc<RefCell<ReadCache>>,
@@ -290,6 +292,7 @@ impl<D: BlockDevice, M: MetadataStore> Vdisk<D, M> {
         let oplog = Oplog::recover(store, cfg.id, drained, cfg.oplog_cap_bytes).await?;
         cache.borrow_mut().invalidate_vdisk(cfg.id);
         Ok(Rc::new(Self {
+            size: Cell::new(cfg.size_bytes),
             cfg,
             oplog,
             extents,
@@ -369,13 +372,24 @@ impl<D: BlockDevice, M: MetadataStore> Vdisk<D, M> {
 
     fn check_range(&self, offset: u64, len: u64) -> Result<(), TargetError> {
         match offset.checked_add(len) {
-            Some(end) if end <= self.cfg.size_bytes => Ok(()),
+            Some(end) if end <= self.size.get() => Ok(()),
             _ => Err(TargetError::OutOfRange {
                 offset,
                 len,
-                size: self.cfg.size_bytes,
+                size: self.size.get(),
             }),
         }
+    }
+
+    /// Grows the vdisk to `size_bytes` while it is served (the new range reads as zeros and
+    /// takes no space: it is thin). Shrinking is refused by the config store, and here: a
+    /// smaller or misaligned size is ignored and `false` returned.
+    pub fn grow(&self, size_bytes: u64) -> bool {
+        if size_bytes <= self.size.get() || !size_bytes.is_multiple_of(BLOCK_BYTES as u64) {
+            return false;
+        }
+        self.size.set(size_bytes);
+        true
     }
 
     fn invalidate(&self, vblock: u64, blocks: u64) {
@@ -724,7 +738,7 @@ impl<D: BlockDevice, M: MetadataStore> Vdisk<D, M> {
 
 impl<D: BlockDevice, M: MetadataStore> BlockTarget for Vdisk<D, M> {
     fn size_bytes(&self) -> u64 {
-        self.cfg.size_bytes
+        self.size.get()
     }
 
     fn min_block_bytes(&self) -> u32 {
