@@ -12,9 +12,11 @@
 //! chosen for it is one of its own (an [`Ownership`] record, compare-and-swap in the metadata
 //! store, so exactly one node serves it), opens the vdisks it owns (recovering the oplog,
 //! running the drain) and stops serving deleted ones. Block maps live in the Raft-replicated
-//! metadata shards ([`ControlPlaneMetadata`]); a single node is the same code with one voter. Cores that own vdisks listen on the NBD and iSCSI ports
-//! (`SO_REUSEPORT`); a connection for a vdisk of another core is served through the cross-core
-//! mesh. SIGTERM or SIGINT stops accepting, lets accepted requests finish, checkpoints every
+//! metadata shards ([`ControlPlaneMetadata`]); a single node is the same code with one voter.
+//! Cores that own devices listen on the NBD port (`SO_REUSEPORT`); core 0 alone serves iSCSI,
+//! so the state shared by the sessions to a logical unit (reservations, COMPARE AND WRITE's
+//! lock) is in one place. A connection for a vdisk of another core is served through the
+//! cross-core mesh. SIGTERM or SIGINT stops accepting, lets accepted requests finish, checkpoints every
 //! device and exits 0. Every acknowledged write is durable before its reply, so `kill -9`
 //! loses nothing acknowledged.
 
@@ -1706,6 +1708,12 @@ async fn run_core(
                 .map(|_| ())
                 .map_err(|e| e.to_string())
         }));
+    }
+    // iSCSI on core 0 alone (it owns device 0, so it serves frontends whenever any core
+    // does): the state iSCSI shares between the sessions to a logical unit (persistent
+    // reservations, COMPARE AND WRITE's range lock, unit attentions) lives in one registry on
+    // one core, whichever core owns the vdisk (reached through the mesh).
+    if serves_frontends && core == 0 {
         let listener = glommio::net::TcpListener::bind((cfg.listen.as_str(), cfg.iscsi_port))
             .map_err(|e| {
                 anyhow!(

@@ -65,13 +65,16 @@ fn libiscsi_conformance_suite_against_a_node() {
         unreachable!()
     };
     let cfg = dir.path().join("node.toml");
-    // A small vdisk keeps whole-disk commands (WRITE SAME, UNMAP of everything) quick.
+    // A small vdisk keeps whole-disk commands (WRITE SAME, UNMAP of everything) quick. Two
+    // cores with a device each, vd0 on core 1's: the iSCSI sessions (core 0) reach it through
+    // the mesh, and the multipath and reservation tests' sessions share one logical unit state.
     std::fs::write(
         &cfg,
         format!(
             "nbd_port = {}\ngrpc_port = {}\niscsi_port = {port}\ndata_port = {}\ncores = 2\n\
              [[device]]\npath = \"dev0.img\"\nsize = \"2GiB\"\n\
-             [[vdisk]]\nname = \"vd0\"\nsize = \"256MiB\"\n",
+             [[device]]\npath = \"dev1.img\"\nsize = \"2GiB\"\n\
+             [[vdisk]]\nname = \"vd0\"\nsize = \"256MiB\"\ndevice = 1\n",
             nbd_port, grpc_port, data_port
         ),
     )
@@ -101,6 +104,11 @@ fn libiscsi_conformance_suite_against_a_node() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        said.contains("vdisk vd0 (id 1, 256.0 MiB) on core 1"),
+        "vd0 is not on core 1:\n{said}"
+    );
     let list = Command::new("iscsi-test-cu").arg("-l").output().unwrap();
     let list = String::from_utf8_lossy(&list.stdout).to_string();
     let suites: Vec<&str> = list
