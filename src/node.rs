@@ -39,6 +39,7 @@ use controlplane::config_store::VdiskRecord;
 use controlplane::proto::v1 as pb;
 use controlplane::server::{ConfigView, ControlPlane, ControlPlaneHandle, ControlPlaneOptions};
 use dataplane::cache::ReadCache;
+use dataplane::iscsi::scsi::StoreFuture;
 use dataplane::mesh::{CoreTarget, Mesh, RemoteTarget};
 use dataplane::metadata::{Expect, MetaError, MetaOp, MetadataStore};
 use dataplane::nbd;
@@ -126,6 +127,40 @@ struct CoreExports {
     remote: RefCell<HashMap<String, Frontends>>,
     /// The address connections to other nodes leave from.
     local_ip: Option<std::net::IpAddr>,
+    /// The metadata store (iSCSI reservations are kept there).
+    meta: Rc<ControlPlaneMetadata>,
+}
+
+/// A vdisk's SCSI persistent reservations in the metadata store (`v/<id>/pr`, under the
+/// vdisk's prefix: replicated by raft, so they survive restarts and failover, and purged with
+/// the vdisk).
+struct VdiskReservations {
+    meta: Rc<ControlPlaneMetadata>,
+    key: Vec<u8>,
+}
+
+impl dataplane::iscsi::scsi::ReservationStore for VdiskReservations {
+    fn load(&self) -> StoreFuture<'_, Option<Vec<u8>>> {
+        Box::pin(async move {
+            let found = self.meta.get(&self.key).await.map_err(|e| e.to_string())?;
+            Ok(found.map(|v| v.value))
+        })
+    }
+
+    fn save(&self, state: Vec<u8>) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            let put = MetaOp::Put {
+                key: self.key.clone(),
+                value: state,
+                expect: Expect::Any,
+            };
+            self.meta
+                .apply(vec![put])
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })
+    }
 }
 
 impl Exports for CoreExports {
@@ -157,6 +192,19 @@ impl Exports for CoreExports {
 
     fn local_ip(&self) -> Option<std::net::IpAddr> {
         self.local_ip
+    }
+
+    fn reservation_store(
+        &self,
+        name: &str,
+    ) -> Option<Rc<dyn dataplane::iscsi::scsi::ReservationStore>> {
+        let id = self.all.borrow().iter().find(|e| e.name == name)?.id;
+        let mut key = dataplane::vdisk::extents::vdisk_prefix(id);
+        key.extend_from_slice(b"pr");
+        Some(Rc::new(VdiskReservations {
+            meta: self.meta.clone(),
+            key,
+        }))
     }
 
     fn served_elsewhere(&self) -> Vec<(String, String)> {
@@ -1641,6 +1689,7 @@ async fn run_core(
         mesh,
         remote: RefCell::default(),
         local_ip,
+        meta: Rc::new(setup.meta.clone()),
     });
     let vdisks = Rc::new(CoreVdisks {
         meta: Rc::new(setup.meta.clone()),

@@ -129,23 +129,39 @@ fn libiscsi_conformance_suite_against_a_node() {
     let (mut run_total, mut failed_total, mut skipped_total) = (0, 0, 0);
     let mut failures = Vec::new();
     for suite in &suites {
-        let out = Command::new("iscsi-test-cu")
-            .args([
-                "--test",
-                suite,
-                "--dataloss",
-                "-i",
-                "iqn.2026-11.io.cairn.test:node",
-            ])
-            .arg(&url)
-            .arg(&url)
-            .output()
-            .unwrap();
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        // A tool that stops before printing its summary is run once more (seen once, for
+        // iSCSI.iSCSITMF on a loaded machine, with no failed assertion printed); a failure
+        // report carries the exit status.
+        let mut attempt = 0;
+        let text = loop {
+            let out = Command::new("iscsi-test-cu")
+                .args([
+                    "--test",
+                    suite,
+                    "--dataloss",
+                    "-i",
+                    "iqn.2026-11.io.cairn.test:node",
+                ])
+                .arg(&url)
+                .arg(&url)
+                .output()
+                .unwrap();
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let text = format!("{text}\n(exit status: {})", out.status);
+            if cunit_tests(&text).0 == 0 && attempt == 0 {
+                eprintln!(
+                    "{suite}: no CUnit summary ({}); running it again",
+                    out.status
+                );
+                attempt += 1;
+                continue;
+            }
+            break text;
+        };
         let (run, failed) = cunit_tests(&text);
         let skipped = skipped_tests(&text);
         run_total += run;

@@ -121,4 +121,12 @@ pub trait Exports {
     fn served_elsewhere(&self) -> Vec<(String, String)> {
         Vec::new()
     }
+    /// Where the SCSI persistent reservations of export `name` are kept (`None`: in memory
+    /// only, lost with the process).
+    fn reservation_store(
+        &self,
+        _name: &str,
+    ) -> Option<Rc<dyn crate::iscsi::scsi::ReservationStore>> {
+        None
+    }
 }

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use dataplane::iscsi::scsi::{ReservationStore, StoreFuture};
 use dataplane::iscsi::{ChapSecrets, DEFAULT_WRITE_BUFFER_BYTES, IscsiConfig, ServeSummary, serve};
 use dataplane::nbd::Shutdown;
 use dataplane::target::{BlockTarget, ExportInfo, Exports, TargetError};
@@ -72,10 +73,30 @@ impl BlockTarget for MemDisk {
 /// `vd0` (64 MiB), `vd1` (1 MiB) and `secure` (1 MiB, CHAP required).
 struct TestExports {
     disks: Vec<(ExportInfo, Rc<MemDisk>)>,
+    /// Saved reservation states by export, kept across server restarts.
+    saved: Saved,
+}
+
+type Saved = Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>>;
+
+/// The reservations of one export in [`Saved`].
+struct SavedReservations(Saved, String);
+
+impl ReservationStore for SavedReservations {
+    fn load(&self) -> StoreFuture<'_, Option<Vec<u8>>> {
+        Box::pin(async move { Ok(self.0.lock().unwrap().get(&self.1).cloned()) })
+    }
+
+    fn save(&self, state: Vec<u8>) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            self.0.lock().unwrap().insert(self.1.clone(), state);
+            Ok(())
+        })
+    }
 }
 
 impl TestExports {
-    fn new() -> TestExports {
+    fn new(saved: Saved) -> TestExports {
         let disks = [("vd0", DISK_BYTES), ("vd1", MIB), ("secure", MIB)]
             .into_iter()
             .map(|(name, size)| {
@@ -90,7 +111,7 @@ impl TestExports {
                 (info, Rc::new(disk))
             })
             .collect();
-        TestExports { disks }
+        TestExports { disks, saved }
     }
 }
 
@@ -104,6 +125,9 @@ impl Exports for TestExports {
     }
     fn list(&self) -> Vec<ExportInfo> {
         self.disks.iter().map(|(info, _)| info.clone()).collect()
+    }
+    fn reservation_store(&self, name: &str) -> Option<Rc<dyn ReservationStore>> {
+        Some(Rc::new(SavedReservations(self.saved.clone(), name.into())))
     }
 }
 
@@ -120,12 +144,12 @@ impl TestServer {
     }
 
     fn start_on(port: u16) -> TestServer {
-        TestServer::start_with(port, DEFAULT_WRITE_BUFFER_BYTES)
+        TestServer::start_with(port, DEFAULT_WRITE_BUFFER_BYTES, Saved::default())
     }
 
     /// A server on `port` (0: any) whose connections hold at most `write_buffer` bytes of
-    /// write data.
-    fn start_with(port: u16, write_buffer: u64) -> TestServer {
+    /// write data, keeping reservations in `saved`.
+    fn start_with(port: u16, write_buffer: u64, saved: Saved) -> TestServer {
         let (port_tx, port_rx) = std::sync::mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
         let stop_flag = stop.clone();
@@ -157,7 +181,7 @@ impl TestServer {
                 .detach();
                 serve(
                     listener,
-                    Rc::new(TestExports::new()),
+                    Rc::new(TestExports::new(saved)),
                     Rc::new(config),
                     shutdown,
                 )
@@ -385,9 +409,14 @@ impl RawInitiator {
 
     /// Logs in to `export` in one step with the given operational keys.
     fn login(port: u16, export: &str, keys: &str) -> RawInitiator {
+        RawInitiator::login_as(port, "iqn.raw", export, keys)
+    }
+
+    /// [`RawInitiator::login`] as initiator `name`.
+    fn login_as(port: u16, name: &str, export: &str, keys: &str) -> RawInitiator {
         let mut c = RawInitiator::connect(port);
         let text = format!(
-            "InitiatorName=iqn.raw\0TargetName={PREFIX}:{export}\0SessionType=Normal\0\
+            "InitiatorName={name}\0TargetName={PREFIX}:{export}\0SessionType=Normal\0\
              AuthMethod=None\0"
         );
         let mut h = bhs(0x43, 0x80 | 0x01, text.len()); // security -> operational
@@ -450,6 +479,38 @@ impl RawInitiator {
                     let _ = resp;
                     return r[3];
                 }
+                other => panic!("unexpected opcode {other:#x}"),
+            }
+        }
+    }
+
+    /// A command with `cdb` (up to 16 bytes) and all its data-out (`data`) sent as immediate
+    /// data, expecting at most `read_len` bytes in; returns the status and the data in.
+    fn command(&mut self, cdb: &[u8], data: &[u8], read_len: usize) -> (u8, Vec<u8>) {
+        let itt = self.next_itt();
+        let flags = 0x80 | if data.is_empty() { 0x40 } else { 0x20 } | 0x01;
+        let mut h = bhs(0x01, flags, data.len());
+        h[16..20].copy_from_slice(&itt.to_be_bytes());
+        let edtl = if data.is_empty() {
+            read_len
+        } else {
+            data.len()
+        };
+        h[20..24].copy_from_slice(&(edtl as u32).to_be_bytes());
+        h[24..28].copy_from_slice(&self.take_cmd_sn().to_be_bytes());
+        h[32..32 + cdb.len()].copy_from_slice(cdb);
+        self.send(&h, data);
+        let mut got = Vec::new();
+        loop {
+            let (r, d) = self.recv();
+            match r[0] & 0x3f {
+                0x25 => {
+                    got.extend_from_slice(&d);
+                    if r[1] & 0x01 != 0 {
+                        return (r[3], got);
+                    }
+                }
+                0x21 => return (r[3], got),
                 other => panic!("unexpected opcode {other:#x}"),
             }
         }
@@ -585,7 +646,7 @@ fn raw_round_trip_with_r2t_and_immediate_data() {
 /// writes get their R2Ts at once and a third only when the first has run.
 #[test]
 fn writes_beyond_the_buffer_budget_wait_for_their_r2t() {
-    let server = TestServer::start_with(0, 1 << 20);
+    let server = TestServer::start_with(0, 1 << 20, Saved::default());
     let mut c = RawInitiator::login(
         server.port,
         "vd0",
@@ -647,6 +708,48 @@ fn writes_beyond_the_buffer_budget_wait_for_their_r2t() {
         assert!(got == *d, "write {i} read back differs");
     }
     c.logout();
+    let summary = server.stop();
+    assert_eq!(summary.failed, 0, "{summary:?}");
+}
+
+/// Persistent reservations outlive the target process: a reservation made before a restart
+/// is reported and enforced after it (the state is saved at every change, and loaded before
+/// the unit's first session runs a command).
+#[test]
+fn persistent_reservations_survive_a_restart() {
+    let saved = Saved::default();
+    let keys = "ImmediateData=Yes\0InitialR2T=No\0";
+    let prout = |sa: u8, rtype: u8| [0x5f, sa, rtype, 0, 0, 0, 0, 0, 24, 0];
+    let params = |key: u64, sa_key: u64| {
+        let mut p = vec![0u8; 24];
+        p[0..8].copy_from_slice(&key.to_be_bytes());
+        p[8..16].copy_from_slice(&sa_key.to_be_bytes());
+        p
+    };
+    let server = TestServer::start_with(0, DEFAULT_WRITE_BUFFER_BYTES, saved.clone());
+    let mut a = RawInitiator::login(server.port, "vd0", keys);
+    assert_eq!(a.command(&prout(0, 0), &params(0, 0xAAAA), 0).0, 0);
+    assert_eq!(a.command(&prout(1, 3), &params(0xAAAA, 0), 0).0, 0);
+    a.logout();
+    server.stop();
+    assert!(saved.lock().unwrap().contains_key("vd0"));
+
+    let server = TestServer::start_with(0, DEFAULT_WRITE_BUFFER_BYTES, saved.clone());
+    let mut b = RawInitiator::login_as(server.port, "iqn.other", "vd0", keys);
+    // READ RESERVATION: exclusive access held with key 0xAAAA.
+    let (status, d) = b.command(&[0x5e, 1, 0, 0, 0, 0, 0, 0x20, 0, 0], &[], 32);
+    assert_eq!(status, 0);
+    assert_eq!(u32::from_be_bytes(d[4..8].try_into().unwrap()), 16, "{d:?}");
+    assert_eq!(&d[8..16], &0xAAAAu64.to_be_bytes());
+    assert_eq!(d[21] & 0x0f, 3);
+    // Another initiator port may not write: RESERVATION CONFLICT.
+    let write = [0x2a, 0, 0, 0, 0, 0, 0, 0, 1, 0];
+    assert_eq!(b.command(&write, &[7u8; 512], 0).0, 0x18);
+    b.logout();
+    // The holder, back after the restart, still holds it and may write.
+    let mut a = RawInitiator::login(server.port, "vd0", keys);
+    assert_eq!(a.command(&write, &[7u8; 512], 0).0, 0);
+    a.logout();
     let summary = server.stop();
     assert_eq!(summary.failed, 0, "{summary:?}");
 }
@@ -714,23 +817,39 @@ fn libiscsi_conformance_suite() {
     let mut failures = Vec::new();
     let (mut run_total, mut failed_total, mut skipped_total) = (0, 0, 0);
     for suite in &suites {
-        let out = Command::new("iscsi-test-cu")
-            .args([
-                "--test",
-                suite,
-                "--dataloss",
-                "-i",
-                "iqn.2026-11.io.cairn.test:a",
-            ])
-            .arg(&url)
-            .arg(&url2)
-            .output()
-            .expect("iscsi-test-cu");
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        // A tool that stops before printing its summary is run once more (seen once, for
+        // iSCSI.iSCSITMF on a loaded machine, with no failed assertion printed); a failure
+        // report carries the exit status.
+        let mut attempt = 0;
+        let text = loop {
+            let out = Command::new("iscsi-test-cu")
+                .args([
+                    "--test",
+                    suite,
+                    "--dataloss",
+                    "-i",
+                    "iqn.2026-11.io.cairn.test:a",
+                ])
+                .arg(&url)
+                .arg(&url2)
+                .output()
+                .expect("iscsi-test-cu");
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let text = format!("{text}\n(exit status: {})", out.status);
+            if cunit_tests(&text).0 == 0 && attempt == 0 {
+                eprintln!(
+                    "{suite}: no CUnit summary ({}); running it again",
+                    out.status
+                );
+                attempt += 1;
+                continue;
+            }
+            break text;
+        };
         let (run, failed) = cunit_tests(&text);
         let skipped = skipped_tests(&text);
         eprintln!("{suite}: run {run} failed {failed} skipped {skipped}");

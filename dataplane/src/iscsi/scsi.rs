@@ -16,6 +16,8 @@
 //! so it reports blocks that read back as zeroes as deallocated (consistent with LBPRZ=1).
 
 use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::pin::Pin;
 use std::rc::Rc;
 
 use crate::target::{BlockTarget, TargetError};
@@ -93,6 +95,8 @@ impl Sense {
     pub const CAPACITY_CHANGED: Sense = Sense::new(0x6, 0x2a, 0x09);
     /// ABORTED COMMAND: DATA PHASE ERROR (Data-Out out of sequence).
     pub const DATA_PHASE_ERROR: Sense = Sense::new(0xb, 0x4b, 0x00);
+    /// HARDWARE ERROR: INTERNAL TARGET FAILURE (the reservation state could not be saved).
+    pub const INTERNAL_TARGET_FAILURE: Sense = Sense::new(0x4, 0x44, 0x00);
     /// LOGICAL UNIT NOT READY, CAUSE NOT REPORTABLE.
     pub const NOT_READY: Sense = Sense::new(key::NOT_READY, 0x04, 0x00);
 
@@ -168,7 +172,7 @@ impl Nexus {
 }
 
 /// Persistent reservation state of one logical unit.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct PrState {
     generation: u32,
     registrations: Vec<(Nexus, u64)>,
@@ -192,7 +196,110 @@ fn all_registrants(t: u8) -> bool {
     )
 }
 
+/// Reads the fields of saved reservation state in order.
+struct Cursor<'a>(&'a [u8]);
+
+impl Cursor<'_> {
+    fn take<const N: usize>(&mut self) -> Result<[u8; N], PrDecodeError> {
+        let (head, rest) = self
+            .0
+            .split_first_chunk::<N>()
+            .ok_or(PrDecodeError::Truncated)?;
+        self.0 = rest;
+        Ok(*head)
+    }
+
+    fn nexus(&mut self) -> Result<Nexus, PrDecodeError> {
+        let len = usize::from(u16::from_le_bytes(self.take()?));
+        let name = self.0.get(..len).ok_or(PrDecodeError::Truncated)?;
+        self.0 = &self.0[len..];
+        let id = std::str::from_utf8(name).map_err(|_| PrDecodeError::Name)?;
+        Ok(Nexus { id: id.to_owned() })
+    }
+}
+
+/// Why saved reservation state was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PrDecodeError {
+    /// Shorter than its header or its declared contents.
+    #[error("reservation state truncated")]
+    Truncated,
+    /// A version this code does not read.
+    #[error("reservation state version {0} is unknown")]
+    Version(u8),
+    /// The checksum does not match.
+    #[error("reservation state checksum mismatch")]
+    Checksum,
+    /// A nexus name is not UTF-8.
+    #[error("reservation state holds a malformed initiator port name")]
+    Name,
+}
+
 impl PrState {
+    const VERSION: u8 = 1;
+
+    /// The saved form: version u8, generation u32, registrations u32, each (key u64, name
+    /// length u16, name), reservation flag u8 [+ type u8, name length u16, name], crc32c u32
+    /// of everything before it; integers little-endian.
+    pub fn encode(&self) -> Vec<u8> {
+        fn name(out: &mut Vec<u8>, n: &Nexus) {
+            out.extend_from_slice(&(n.id.len() as u16).to_le_bytes());
+            out.extend_from_slice(n.id.as_bytes());
+        }
+        let mut out = vec![Self::VERSION];
+        out.extend_from_slice(&self.generation.to_le_bytes());
+        out.extend_from_slice(&(self.registrations.len() as u32).to_le_bytes());
+        for (n, key) in &self.registrations {
+            out.extend_from_slice(&key.to_le_bytes());
+            name(&mut out, n);
+        }
+        match &self.reservation {
+            None => out.push(0),
+            Some((n, t)) => {
+                out.push(1);
+                out.push(*t);
+                name(&mut out, n);
+            }
+        }
+        let crc = crc32c::crc32c(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    /// Reads [`Self::encode`]'s form back.
+    pub fn decode(bytes: &[u8]) -> Result<PrState, PrDecodeError> {
+        let (body, crc) = bytes
+            .split_last_chunk::<4>()
+            .ok_or(PrDecodeError::Truncated)?;
+        if crc32c::crc32c(body) != u32::from_le_bytes(*crc) {
+            return Err(PrDecodeError::Checksum);
+        }
+        let mut r = Cursor(body);
+        let version = r.take::<1>()?[0];
+        if version != Self::VERSION {
+            return Err(PrDecodeError::Version(version));
+        }
+        let generation = u32::from_le_bytes(r.take()?);
+        let count = u32::from_le_bytes(r.take()?);
+        let mut registrations = Vec::new();
+        for _ in 0..count {
+            let key = u64::from_le_bytes(r.take()?);
+            registrations.push((r.nexus()?, key));
+        }
+        let reservation = match r.take::<1>()?[0] {
+            0 => None,
+            _ => {
+                let t = r.take::<1>()?[0];
+                Some((r.nexus()?, t))
+            }
+        };
+        Ok(PrState {
+            generation,
+            registrations,
+            reservation,
+        })
+    }
+
     fn key_of(&self, nexus: &Nexus) -> Option<u64> {
         self.registrations
             .iter()
@@ -272,11 +379,26 @@ impl RangeLock {
     }
 }
 
+/// Where a logical unit's persistent-reservation state is kept, so that it survives restarts
+/// and failover (the node keeps it in the metadata store, under the vdisk's prefix).
+pub trait ReservationStore {
+    /// The saved state, if any.
+    fn load(&self) -> StoreFuture<'_, Option<Vec<u8>>>;
+    /// Saves `state` (durable when this returns).
+    fn save(&self, state: Vec<u8>) -> StoreFuture<'_, ()>;
+}
+
+/// What a [`ReservationStore`] call returns (the error says what went wrong).
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, String>> + 'a>>;
+
 /// Logical-unit state shared by every session to one target on the owning core.
-#[derive(Debug)]
 pub struct LuShared {
     /// Persistent reservations.
     pub pr: RefCell<PrState>,
+    /// Where they are saved (`None`: in memory only).
+    pub pr_store: RefCell<Option<Rc<dyn ReservationStore>>>,
+    /// Serialises PERSISTENT RESERVE OUT commands (each saves the state before it applies).
+    pr_lock: async_lock::Mutex<()>,
     /// The RESERVE(6) holder.
     pub reserve6: RefCell<Option<Nexus>>,
     /// Write cache enabled (caching mode page WCE); when off every write is FUA.
@@ -295,6 +417,8 @@ impl Default for LuShared {
     fn default() -> Self {
         LuShared {
             pr: RefCell::default(),
+            pr_store: RefCell::default(),
+            pr_lock: async_lock::Mutex::new(()),
             reserve6: RefCell::default(),
             wce: Cell::new(true),
             locks: RangeLock::default(),
@@ -305,7 +429,34 @@ impl Default for LuShared {
     }
 }
 
+impl std::fmt::Debug for LuShared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LuShared")
+            .field("pr", &self.pr)
+            .field("reserve6", &self.reserve6)
+            .field("nexuses", &self.nexuses)
+            .finish_non_exhaustive()
+    }
+}
+
 impl LuShared {
+    /// Attaches `store` and loads the reservation state saved there, unless sessions are
+    /// open on the unit (then the state in memory, saved at every change, is the newest).
+    pub async fn attach_reservations(&self, store: Rc<dyn ReservationStore>) -> Result<(), String> {
+        if !self.nexuses.borrow().is_empty() && self.pr_store.borrow().is_some() {
+            return Ok(());
+        }
+        let _g = self.pr_lock.lock().await;
+        let saved = store.load().await?;
+        let state = match saved {
+            Some(bytes) => PrState::decode(&bytes).map_err(|e| e.to_string())?,
+            None => PrState::default(),
+        };
+        *self.pr.borrow_mut() = state;
+        *self.pr_store.borrow_mut() = Some(store);
+        Ok(())
+    }
+
     /// A session of `nexus` started.
     pub fn nexus_added(&self, nexus: &Nexus) {
         self.nexuses.borrow_mut().push(nexus.clone());
@@ -644,7 +795,7 @@ async fn dispatch<T: BlockTarget>(
         0xa0 => report_luns(cdb),
         0xa3 => report_supported_opcodes(cdb),
         0x5e => persistent_reserve_in(lu, cdb),
-        0x5f => persistent_reserve_out(lu, nexus, cdb, data_out),
+        0x5f => persistent_reserve_out(lu, nexus, cdb, data_out).await,
         0x16 => reserve6(lu, nexus),
         0x17 => {
             lu.shared.release6(nexus);
@@ -1479,12 +1630,30 @@ fn persistent_reserve_in<T>(lu: &Lu<T>, cdb: &[u8; 16]) -> Res<Vec<u8>> {
     Ok(truncate(d, alloc))
 }
 
-fn persistent_reserve_out<T>(
+/// PERSISTENT RESERVE OUT: the change is computed on a copy of the state, saved to the unit's
+/// reservation store, and only then applied (one command at a time per unit).
+async fn persistent_reserve_out<T>(
     lu: &Lu<T>,
     nexus: &Nexus,
     cdb: &[u8; 16],
     data_out: &[u8],
 ) -> Res<Vec<u8>> {
+    let _g = lu.shared.pr_lock.lock().await;
+    let mut next = lu.shared.pr.borrow().clone();
+    let out = pr_out_apply(&mut next, nexus, cdb, data_out)?;
+    if next != *lu.shared.pr.borrow() {
+        let store = lu.shared.pr_store.borrow().clone();
+        if let Some(store) = store
+            && store.save(next.encode()).await.is_err()
+        {
+            return Err(Sense::INTERNAL_TARGET_FAILURE.into());
+        }
+        *lu.shared.pr.borrow_mut() = next;
+    }
+    Ok(out)
+}
+
+fn pr_out_apply(pr: &mut PrState, nexus: &Nexus, cdb: &[u8; 16], data_out: &[u8]) -> Res<Vec<u8>> {
     let sa = service_action(cdb);
     let scope = cdb[2] >> 4;
     let rtype = cdb[2] & 0x0f;
@@ -1503,7 +1672,6 @@ fn persistent_reserve_out<T>(
         return Err(Sense::INVALID_FIELD_IN_PARAMETER_LIST.into());
     }
     let valid_type = matches!(rtype, 1 | 3 | 5 | 6 | 7 | 8);
-    let mut pr = lu.shared.pr.borrow_mut();
     let registered = pr.key_of(nexus);
     match sa {
         0 | 6 => {
@@ -1692,6 +1860,29 @@ mod tests {
         assert_eq!(bad.status, status::CHECK_CONDITION);
         let fixed = Sense::LBA_OUT_OF_RANGE.fixed();
         assert_eq!((fixed[0], fixed[2], fixed[12]), (0x70, 5, 0x21));
+    }
+
+    #[test]
+    fn reservation_state_round_trips_and_damage_is_refused() {
+        let a = Nexus::new("iqn.a", &[1, 2, 3, 4, 5, 6]);
+        let b = Nexus::new("iqn.b", &[0; 6]);
+        let state = PrState {
+            generation: 7,
+            registrations: vec![(a.clone(), 0xA), (b, 0xB)],
+            reservation: Some((a, pr_type::EXCLUSIVE_ACCESS)),
+        };
+        let bytes = state.encode();
+        assert_eq!(PrState::decode(&bytes), Ok(state.clone()));
+        assert_eq!(
+            PrState::decode(&PrState::default().encode()),
+            Ok(PrState::default())
+        );
+        for cut in 0..bytes.len() {
+            assert!(PrState::decode(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut flipped = bytes.clone();
+        flipped[9] ^= 1;
+        assert_eq!(PrState::decode(&flipped), Err(PrDecodeError::Checksum));
     }
 
     #[test]

@@ -104,6 +104,9 @@ impl Registry {
 /// Why a connection ended abnormally (logout, a clean close and shutdown are `Ok`).
 #[derive(Debug, thiserror::Error)]
 pub enum ConnError {
+    /// The logical unit's saved reservation state could not be read.
+    #[error("loading the persistent reservations: {0}")]
+    Reservations(String),
     /// The socket failed or the initiator left mid-PDU.
     #[error("iSCSI socket error: {0}")]
     Io(#[source] io::Error),

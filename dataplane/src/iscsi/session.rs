@@ -444,6 +444,14 @@ where
     };
     let nexus = Nexus::new(&params.initiator_name, &params.isid);
     if let Some(lu) = &lu {
+        // Reservations survive restarts and failover: the unit's saved state is loaded before
+        // its first session runs a command. Without it the session cannot honour them: it
+        // ends, and the initiator logs in again.
+        if let Some(store) = exports.reservation_store(&lu.name)
+            && let Err(e) = lu.shared.attach_reservations(store).await
+        {
+            return Err(ConnError::Reservations(e));
+        }
         lu.shared.nexus_added(&nexus);
     }
     let session = Rc::new(Session {
