@@ -745,7 +745,8 @@ fn node_add_and_remove_move_voters_and_lose_no_key() {
             } else {
                 learners.is_empty()
             };
-            *leader != 0 && voters.len() == 3 && placed
+            // A leader whose seat moved is unseated: every group is led by a voter.
+            *leader != 0 && voters.contains(leader) && voters.len() == 3 && placed
         }) && membership(s)
             .iter()
             .any(|(g, (voters, _, _))| *g != 0 && voters.contains(&4))

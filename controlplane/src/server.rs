@@ -659,6 +659,7 @@ impl Node {
     // ---- membership ------------------------------------------------------------------------
 
     async fn reconcile_all(&self) {
+        self.unseat_non_voting_leaders().await;
         let Ok(nodes) = self.local_records::<NodeRecord>(b"node/").await else {
             return;
         };
@@ -800,6 +801,38 @@ impl Node {
             if let Err(e) = reconcile_group(group, &wanted, &places, fault_tolerance).await {
                 eprintln!(
                     "cairn control plane: node {}: membership of group {}: {e}",
+                    self.node_id,
+                    group.group_id()
+                );
+            }
+        }
+    }
+
+    /// A leader whose voter seat moved to another node keeps leading as a learner (openraft
+    /// 0.9 has no leadership transfer, and a leader steps down only on a higher term). For
+    /// each group where that is so, the best-ranked voter (by placement rank) starts an
+    /// election, which puts the leadership back among the voters.
+    async fn unseat_non_voting_leaders(&self) {
+        for group in self.all_groups() {
+            let m = group.metrics();
+            let membership = m.membership_config.membership();
+            let voters: Vec<NodeId> = membership.voter_ids().collect();
+            let Some(leader) = m.current_leader else {
+                continue;
+            };
+            if voters.contains(&leader) || !voters.contains(&self.node_id) {
+                continue;
+            }
+            let best = voters
+                .iter()
+                .copied()
+                .max_by_key(|&id| (crate::placement::rank(group.group_id(), id), id));
+            if best == Some(self.node_id)
+                && let Err(e) = group.raft().trigger().elect().await
+            {
+                eprintln!(
+                    "cairn control plane: node {}: group {}: election to unseat learner \
+                     leader {leader}: {e}",
                     self.node_id,
                     group.group_id()
                 );
