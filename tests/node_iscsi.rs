@@ -4,28 +4,13 @@
 //! `[SKIPPED]` (CUnit counts them as passed) are counted and reported.
 
 mod common;
+#[path = "../dataplane/tests/support/libiscsi.rs"]
+mod libiscsi;
 
 use common::have;
 
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-fn skipped_tests(text: &str) -> usize {
-    text.split("  Test: ")
-        .skip(1)
-        .filter(|test| test.contains("[SKIPPED]"))
-        .count()
-}
-
-fn cunit_tests(text: &str) -> (usize, usize) {
-    for line in text.lines() {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        if words.first() == Some(&"tests") && words.len() >= 6 {
-            return (words[2].parse().unwrap_or(0), words[4].parse().unwrap_or(0));
-        }
-    }
-    (0, 0)
-}
 
 /// A child process killed (-9) and reaped when dropped, so a failing test leaves no node behind.
 struct KillOnDrop(std::process::Child);
@@ -109,74 +94,14 @@ fn libiscsi_conformance_suite_against_a_node() {
         said.contains("vdisk vd0 (id 1, 256.0 MiB) on core 1"),
         "vd0 is not on core 1:\n{said}"
     );
-    let list = Command::new("iscsi-test-cu").arg("-l").output().unwrap();
-    let list = String::from_utf8_lossy(&list.stdout).to_string();
-    let suites: Vec<&str> = list
-        .lines()
-        .map(str::trim)
-        .filter(|l| {
-            let parts: Vec<&str> = l.split('.').collect();
-            parts.len() == 2 && (parts[0] == "SCSI" || parts[0] == "iSCSI")
-        })
-        .collect();
-    assert!(
-        suites.len() > 40,
-        "iscsi-test-cu lists {} suites",
-        suites.len()
-    );
     let url = format!("iscsi://127.0.0.1:{port}/iqn.2026-11.io.cairn:vd0/0");
-    let started = Instant::now();
-    let (mut run_total, mut failed_total, mut skipped_total) = (0, 0, 0);
-    let mut failures = Vec::new();
-    for suite in &suites {
-        // A tool that stops before printing its summary is run once more (seen once, for
-        // iSCSI.iSCSITMF on a loaded machine, with no failed assertion printed); a failure
-        // report carries the exit status.
-        let mut attempt = 0;
-        let text = loop {
-            let out = Command::new("iscsi-test-cu")
-                .args([
-                    "--test",
-                    suite,
-                    "--dataloss",
-                    "-i",
-                    "iqn.2026-11.io.cairn.test:node",
-                ])
-                .arg(&url)
-                .arg(&url)
-                .output()
-                .unwrap();
-            let text = format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-            let text = format!("{text}\n(exit status: {})", out.status);
-            if cunit_tests(&text).0 == 0 && attempt == 0 {
-                eprintln!(
-                    "{suite}: no CUnit summary ({}); running it again",
-                    out.status
-                );
-                attempt += 1;
-                continue;
-            }
-            break text;
-        };
-        let (run, failed) = cunit_tests(&text);
-        let skipped = skipped_tests(&text);
-        run_total += run;
-        failed_total += failed;
-        skipped_total += skipped;
-        if failed > 0 || run == 0 {
-            failures.push(format!("=== {suite} ===\n{text}"));
-        }
-    }
+    let t = libiscsi::run_suites(&libiscsi::suites(), "iqn.2026-11.io.cairn.test:node", &url);
     println!(
-        "iscsi-test-cu against cairn node: {} suites, {run_total} tests run, {failed_total} failed, {skipped_total} skipped, {:?}",
-        suites.len(),
-        started.elapsed()
+        "iscsi-test-cu against cairn node: {} suites, {} tests run, {} failed, {} skipped, {:?}",
+        t.suites, t.run, t.failed, t.skipped, t.elapsed
     );
+    assert!(t.suites > 40, "iscsi-test-cu lists {} suites", t.suites);
     unsafe { kill(node.id() as i32, 15) };
     assert!(node.wait().unwrap().success());
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    assert!(t.failures.is_empty(), "{}", t.failures.join("\n"));
 }

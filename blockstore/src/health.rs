@@ -2,18 +2,19 @@
 //! operations that take too long, and the policy that takes a disk offline and back.
 //!
 //! * [`Monitored`] wraps any [`BlockDevice`]. It counts `DeviceError::Io` results (range and
-//!   alignment errors are the caller's bugs, not the disk's) and keeps the start time of every
-//!   operation in flight, so a hung operation is seen while it hangs. Once its
+//!   alignment errors are the caller's bugs, not the disk's) and the operations started and
+//!   finished (two counters: nothing per operation is allocated or timed), so a device that
+//!   stops completing operations is seen while it hangs. Once its
 //!   [`DeviceHealth`] is set offline, every operation fails at once with
 //!   [`DeviceError::Offline`] and the disk is not touched again until it is set online.
-//! * [`DiskWatch`] is the policy, after the seeds: a disk with an I/O error or an operation
-//!   older than [`HealthPolicy::io_timeout`] goes offline; after
+//! * [`DiskWatch`] is the policy, after the seeds: a disk with an I/O error, or with
+//!   operations in flight and none completed for [`HealthPolicy::io_timeout`], goes offline; after
 //!   [`HealthPolicy::readmit_after`] it is validated and, if sound, re-admitted; the
 //!   [`HealthPolicy::offline_limit`]-th time within [`HealthPolicy::window`] (3 in an hour) it
 //!   stays offline until an operator intervenes. It is pure logic over the times it is given.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -29,7 +30,8 @@ pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long an offline disk rests before it is validated for re-admission.
 pub const DEFAULT_READMIT_AFTER: Duration = Duration::from_secs(60);
 
-/// What a device's watchers share: error count, operations in flight, the offline switch.
+/// What a device's watchers share: error count, operations started and finished, the offline
+/// switch.
 #[derive(Clone, Default)]
 pub struct DeviceHealth {
     inner: Rc<HealthInner>,
@@ -39,8 +41,8 @@ pub struct DeviceHealth {
 struct HealthInner {
     errors: Cell<u64>,
     last_error: RefCell<Option<String>>,
-    next_op: Cell<u64>,
-    in_flight: RefCell<BTreeMap<u64, Instant>>,
+    started: Cell<u64>,
+    finished: Cell<u64>,
     offline: Cell<bool>,
 }
 
@@ -55,10 +57,14 @@ impl DeviceHealth {
         self.inner.last_error.borrow().clone()
     }
 
-    /// How long the oldest operation in flight has been running.
-    pub fn oldest_in_flight(&self, now: Instant) -> Option<Duration> {
-        let oldest = *self.inner.in_flight.borrow().values().min()?;
-        Some(now.saturating_duration_since(oldest))
+    /// Operations finished since the device was opened.
+    pub fn finished(&self) -> u64 {
+        self.inner.finished.get()
+    }
+
+    /// Operations in flight now.
+    pub fn in_flight(&self) -> u64 {
+        self.inner.started.get() - self.inner.finished.get()
     }
 
     /// Whether operations are refused.
@@ -71,15 +77,12 @@ impl DeviceHealth {
         self.inner.offline.set(offline);
     }
 
-    fn start(&self) -> u64 {
-        let id = self.inner.next_op.get();
-        self.inner.next_op.set(id + 1);
-        self.inner.in_flight.borrow_mut().insert(id, Instant::now());
-        id
+    fn start(&self) {
+        self.inner.started.set(self.inner.started.get() + 1);
     }
 
-    fn finish<T>(&self, id: u64, result: Result<T, DeviceError>) -> Result<T, DeviceError> {
-        self.inner.in_flight.borrow_mut().remove(&id);
+    fn finish<T>(&self, result: Result<T, DeviceError>) -> Result<T, DeviceError> {
+        self.inner.finished.set(self.inner.finished.get() + 1);
         if let Err(e @ DeviceError::Io { .. }) = &result {
             self.inner.errors.set(self.inner.errors.get() + 1);
             *self.inner.last_error.borrow_mut() = Some(e.to_string());
@@ -132,44 +135,44 @@ impl<D: BlockDevice> BlockDevice for Monitored<D> {
 
     async fn read(&self, offset: u64, buf: &mut DmaBuf) -> Result<(), DeviceError> {
         self.refuse(IoOp::Read, offset)?;
-        let id = self.health.start();
+        self.health.start();
         let r = self.inner.read(offset, buf).await;
-        self.health.finish(id, r)
+        self.health.finish(r)
     }
 
     async fn write(&self, offset: u64, buf: &DmaBuf) -> Result<(), DeviceError> {
         self.refuse(IoOp::Write, offset)?;
-        let id = self.health.start();
+        self.health.start();
         let r = self.inner.write(offset, buf).await;
-        self.health.finish(id, r)
+        self.health.finish(r)
     }
 
     async fn flush(&self) -> Result<(), DeviceError> {
         self.refuse(IoOp::Flush, 0)?;
-        let id = self.health.start();
+        self.health.start();
         let r = self.inner.flush().await;
-        self.health.finish(id, r)
+        self.health.finish(r)
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
         self.refuse(IoOp::WriteZeroes, offset)?;
-        let id = self.health.start();
+        self.health.start();
         let r = self.inner.write_zeroes(offset, len).await;
-        self.health.finish(id, r)
+        self.health.finish(r)
     }
 
     async fn unmap(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
         self.refuse(IoOp::Unmap, offset)?;
-        let id = self.health.start();
+        self.health.start();
         let r = self.inner.unmap(offset, len).await;
-        self.health.finish(id, r)
+        self.health.finish(r)
     }
 }
 
 /// When a disk goes offline and comes back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HealthPolicy {
-    /// An operation in flight this long takes the disk offline.
+    /// Operations in flight with none completed for this long take the disk offline.
     pub io_timeout: Duration,
     /// An offline disk is validated for re-admission after this long.
     pub readmit_after: Duration,
@@ -243,6 +246,8 @@ pub struct DiskWatch {
     policy: HealthPolicy,
     state: DiskState,
     errors_seen: u64,
+    /// Operations finished at the last check that saw progress (or nothing in flight), and when.
+    progress: Option<(u64, Instant)>,
     events: VecDeque<Instant>,
 }
 
@@ -253,6 +258,7 @@ impl DiskWatch {
             policy,
             state: DiskState::Online,
             errors_seen,
+            progress: None,
             events: VecDeque::new(),
         }
     }
@@ -282,16 +288,7 @@ impl DiskWatch {
                         errors - self.errors_seen
                     ))
                 } else {
-                    health
-                        .oldest_in_flight(now)
-                        .filter(|age| *age >= self.policy.io_timeout)
-                        .map(|age| {
-                            format!(
-                                "an operation has been in flight for {:.1} s (timeout {:?})",
-                                age.as_secs_f64(),
-                                self.policy.io_timeout
-                            )
-                        })
+                    self.stalled(now, health)
                 };
                 self.errors_seen = errors;
                 reason.map(|reason| self.take_offline(now, health, reason))
@@ -302,6 +299,28 @@ impl DiskWatch {
                 Some(DiskAction::Validate)
             }
             DiskState::Offline { .. } | DiskState::Retired { .. } => None,
+        }
+    }
+
+    /// Why the device looks hung: operations in flight and none finished for the timeout.
+    fn stalled(&mut self, now: Instant, health: &DeviceHealth) -> Option<String> {
+        let (finished, in_flight) = (health.finished(), health.in_flight());
+        match self.progress {
+            Some((seen, since)) if seen == finished && in_flight > 0 => {
+                let idle = now.saturating_duration_since(since);
+                (idle >= self.policy.io_timeout).then(|| {
+                    format!(
+                        "{in_flight} operation(s) in flight and none completed for {:.1} s \
+                         (timeout {:?})",
+                        idle.as_secs_f64(),
+                        self.policy.io_timeout
+                    )
+                })
+            }
+            _ => {
+                self.progress = Some((finished, now));
+                None
+            }
         }
     }
 
@@ -348,6 +367,7 @@ impl DiskWatch {
         match result {
             Ok(()) => {
                 self.errors_seen = health.errors();
+                self.progress = None;
                 self.state = DiskState::Online;
                 health.set_offline(false);
                 None
@@ -371,7 +391,7 @@ mod tests {
     }
 
     fn fail(h: &DeviceHealth) {
-        let id = h.start();
+        h.start();
         let e = DeviceError::Io {
             device: "d".into(),
             op: IoOp::Write,
@@ -379,7 +399,7 @@ mod tests {
             len: 4096,
             source: std::io::Error::other("ENOSPC"),
         };
-        let _ = h.finish::<()>(id, Err(e));
+        let _ = h.finish::<()>(Err(e));
     }
 
     #[test]
@@ -411,15 +431,30 @@ mod tests {
     }
 
     #[test]
-    fn a_hung_operation_counts_as_a_timeout() {
+    fn a_device_that_stops_completing_counts_as_a_timeout() {
         let h = DeviceHealth::default();
         let mut w = DiskWatch::new(policy(), 0);
-        let _op = h.start();
         let t0 = Instant::now();
-        assert_eq!(w.check(t0, &h), None);
-        match w.check(t0 + Duration::from_secs(6), &h) {
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        // Busy but progressing: never a timeout.
+        h.start();
+        assert_eq!(w.check(at(0), &h), None);
+        for s in 1..20 {
+            let _ = h.finish::<()>(Ok(()));
+            h.start();
+            assert_eq!(w.check(at(s * 4), &h), None);
+        }
+        // Idle (nothing in flight) for long: not a timeout either.
+        let _ = h.finish::<()>(Ok(()));
+        assert_eq!(w.check(at(200), &h), None);
+        // One operation that never completes (started after the check at 200 s): offline
+        // once the timeout has passed since the last check that saw no stall.
+        h.start();
+        assert_eq!(w.check(at(201), &h), None);
+        assert_eq!(w.check(at(204), &h), None);
+        match w.check(at(206), &h) {
             Some(DiskAction::TakeOffline { reason, .. }) => {
-                assert!(reason.contains("in flight"), "{reason}")
+                assert!(reason.contains("1 operation(s) in flight"), "{reason}")
             }
             other => panic!("{other:?}"),
         }
@@ -509,7 +544,7 @@ mod tests {
                 dev.read(0, &mut out).await,
                 Err(DeviceError::Offline { .. })
             ));
-            assert_eq!(h.oldest_in_flight(Instant::now()), None);
+            assert_eq!(h.in_flight(), 0);
             // Validation reaches the disk underneath.
             dev.inner().read(0, &mut out).await.unwrap();
         });

@@ -13,7 +13,7 @@ use std::process::Command;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dataplane::iscsi::scsi::{ReservationStore, StoreFuture};
 use dataplane::iscsi::{ChapSecrets, DEFAULT_WRITE_BUFFER_BYTES, IscsiConfig, ServeSummary, serve};
@@ -24,6 +24,9 @@ use glommio::net::TcpListener;
 
 const MIB: usize = 1 << 20;
 const DISK_BYTES: usize = 64 * MIB;
+#[path = "support/libiscsi.rs"]
+mod libiscsi;
+
 const PREFIX: &str = "iqn.2026-11.io.cairn";
 
 /// An in-memory disk.
@@ -788,108 +791,24 @@ fn garbage_and_bad_logins_do_not_hurt_the_server() {
     server.stop();
 }
 
-/// Test suites of `iscsi-test-cu` that are slow or need a second LUN or a removable medium,
-/// with why they are left out of the CI run.
-const EXCLUDED: &[(&str, &str)] = &[];
-
 #[test]
 fn libiscsi_conformance_suite() {
     if !have_tool("iscsi-test-cu") {
         return;
     }
     let server = TestServer::start();
-    let list = run(Command::new("iscsi-test-cu").arg("-l"));
-    let suites: Vec<&str> = list
-        .lines()
-        .map(str::trim)
-        .filter(|l| {
-            let parts: Vec<&str> = l.split('.').collect();
-            parts.len() == 2 && (parts[0] == "SCSI" || parts[0] == "iSCSI")
-        })
-        .filter(|l| !EXCLUDED.iter().any(|(s, _)| s == l))
-        .collect();
-    for (suite, why) in EXCLUDED {
-        eprintln!("excluded: {suite}: {why}");
-    }
-    let started = Instant::now();
-    let url = server.url("vd0");
-    let url2 = server.url("vd0");
-    let mut failures = Vec::new();
-    let (mut run_total, mut failed_total, mut skipped_total) = (0, 0, 0);
-    for suite in &suites {
-        // A tool that stops before printing its summary is run once more (seen once, for
-        // iSCSI.iSCSITMF on a loaded machine, with no failed assertion printed); a failure
-        // report carries the exit status.
-        let mut attempt = 0;
-        let text = loop {
-            let out = Command::new("iscsi-test-cu")
-                .args([
-                    "--test",
-                    suite,
-                    "--dataloss",
-                    "-i",
-                    "iqn.2026-11.io.cairn.test:a",
-                ])
-                .arg(&url)
-                .arg(&url2)
-                .output()
-                .expect("iscsi-test-cu");
-            let text = format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-            let text = format!("{text}\n(exit status: {})", out.status);
-            if cunit_tests(&text).0 == 0 && attempt == 0 {
-                eprintln!(
-                    "{suite}: no CUnit summary ({}); running it again",
-                    out.status
-                );
-                attempt += 1;
-                continue;
-            }
-            break text;
-        };
-        let (run, failed) = cunit_tests(&text);
-        let skipped = skipped_tests(&text);
-        eprintln!("{suite}: run {run} failed {failed} skipped {skipped}");
-        run_total += run;
-        failed_total += failed;
-        skipped_total += skipped;
-        if failed > 0 || run == 0 {
-            failures.push(format!("=== {suite} ===\n{text}"));
-        }
-    }
-    eprintln!(
-        "iscsi-test-cu: {} suites, {run_total} tests run, {failed_total} failed, \
-         {skipped_total} of them skipped, {:?}",
-        suites.len(),
-        started.elapsed()
+    let t = libiscsi::run_suites(
+        &libiscsi::suites(),
+        "iqn.2026-11.io.cairn.test:a",
+        &server.url("vd0"),
     );
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    eprintln!(
+        "iscsi-test-cu: {} suites, {} tests run, {} failed, {} of them skipped, {:?}",
+        t.suites, t.run, t.failed, t.skipped, t.elapsed
+    );
+    assert!(t.suites > 40, "iscsi-test-cu lists {} suites", t.suites);
+    assert!(t.failures.is_empty(), "{}", t.failures.join("\n"));
     server.stop();
-}
-
-/// Tests that printed a `[SKIPPED]` line (CUnit counts them as passed): the text from one
-/// `  Test: ` header to the next mentions it at least once.
-fn skipped_tests(text: &str) -> usize {
-    text.split("  Test: ")
-        .skip(1)
-        .filter(|test| test.contains("[SKIPPED]"))
-        .count()
-}
-
-/// (tests run, tests failed) from a CUnit run summary.
-fn cunit_tests(text: &str) -> (usize, usize) {
-    for line in text.lines() {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        if words.first() == Some(&"tests") && words.len() >= 6 {
-            let run = words[2].parse().unwrap_or(0);
-            let failed = words[4].parse().unwrap_or(0);
-            return (run, failed);
-        }
-    }
-    (0, 0)
 }
 
 /// Not a test: serves the test exports on `ISCSI_TEST_PORT` (default 3260) for a few minutes
@@ -928,7 +847,7 @@ fn libiscsi_suites_with_header_digests() {
         let out = run(Command::new("iscsi-test-cu")
             .args(["--test", suite, "--dataloss"])
             .arg(&url));
-        let (tests, failed) = cunit_tests(&out);
+        let (tests, failed) = libiscsi::cunit_tests(&out);
         assert!(tests > 0 && failed == 0, "{suite} with CRC32C:\n{out}");
     }
     let summary = server.stop();

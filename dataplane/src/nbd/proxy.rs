@@ -241,11 +241,11 @@ async fn handshake(
             "NBD_OPT_GO acknowledged without NBD_INFO_EXPORT".into(),
         ));
     };
-    let (min, preferred, max) = announced.block_size.unwrap_or((
-        1,
-        proto::INTEROPERABLE_MIN_BLOCK.max(4096),
-        proto::DEFAULT_MAX_PAYLOAD,
-    ));
+    // No NBD_INFO_BLOCK_SIZE: the spec's defaults (any alignment, 4 KiB preferred, 32 MiB).
+    let (min, preferred, max) =
+        announced
+            .block_size
+            .unwrap_or((1, 4096, proto::DEFAULT_MAX_PAYLOAD));
     let geometry = ExportGeometry::new(size, min, preferred, max)
         .map_err(|e| broke(format!("unusable block sizes: {e}")))?;
     Ok((flags, geometry))
