@@ -3,7 +3,7 @@
 //! `blockstore` is the lowest layer of Cairn. It owns a device (a raw block device, a file, an
 //! SPDK bdev, or memory) with no filesystem in between, and offers the data plane:
 //!
-//! * the [`BlockDevice`] trait and its backends (`uring` on glommio's `DmaFile`, [`mem`],
+//! * the [`BlockDevice`] trait and its backends (`uring` on an io_uring of our own per executor, [`mem`],
 //!   [`faulty`], and `spdk` behind the `spdk` feature);
 //! * an on-device format (see `FORMAT.md`): two superblock copies, a local-metadata journal
 //!   with two checkpoint slots, and a data area carved into extent groups made of checksummed
@@ -23,6 +23,8 @@ pub mod format;
 pub mod fsck;
 pub mod health;
 pub mod mem;
+#[cfg(feature = "uring")]
+pub mod ring;
 #[cfg(feature = "spdk")]
 pub mod spdk;
 pub mod store;

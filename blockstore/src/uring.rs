@@ -1,40 +1,22 @@
 //! io_uring backend: a regular file or a raw block device opened with `O_DIRECT`.
 //!
-//! [`UringDevice`] owns one glommio [`DmaFile`] and implements [`BlockDevice`] on it, so every
-//! read and write is an io_uring request that bypasses the page cache (once open, a device is never
-//! used with buffered I/O, so nothing written can be stuck in a cache that `flush` does not reach;
-//! the one buffered write, pitfall 2 below, is synced before the direct open). It also
-//! owns a second, ordinary handle on the same path, used only for the operations io_uring (or
-//! glommio) does not offer: the block-device ioctls (`BLKGETSIZE64`, `BLKSSZGET`, `BLKZEROOUT`,
-//! `BLKDISCARD`) and `fallocate(FALLOC_FL_ZERO_RANGE)`. The ioctls that move data run on glommio's
-//! blocking thread pool: zeroing a large range on a device without an offload can take seconds,
-//! and the core must keep serving other I/O meanwhile.
+//! [`UringDevice`] opens the path with `O_DIRECT` and sends every read, write and flush through
+//! the executor's own io_uring ([`crate::ring::Ring`]), straight from and into the caller's
+//! [`DmaBuf`] (no copy, no page cache: once open, a device is never used with buffered I/O, so
+//! nothing written can be stuck in a cache that `flush` does not reach). It also owns a second,
+//! ordinary handle on the same path, used only for the block-device ioctls io_uring does not
+//! offer (`BLKGETSIZE64`, `BLKSSZGET`, `BLKZEROOUT`, `BLKDISCARD`). Those that move data run on
+//! glommio's blocking thread pool: zeroing a large range on a device without an offload can take
+//! seconds, and the core must keep serving other I/O meanwhile. A regular file's
+//! `fallocate` (zero range, punch hole) goes through the ring.
 //!
-//! **The copy.** glommio 0.9 reads only into buffers it allocates itself
-//! ([`DmaFile::read_at_aligned`] returns a `ReadResult`) and writes only from a `DmaBuffer` it
-//! allocated ([`DmaFile::alloc_dma_buffer`]); there is no way to hand it the caller's [`DmaBuf`].
-//! So each read is copied out of glommio's buffer and each write into one. A `memcpy` costs far
-//! less than the device access; a zero-copy path needs a glommio with user-buffer I/O or our own
-//! ring.
+//! Until the ring existed this backend used glommio's `DmaFile`, which reads and writes only
+//! through buffers it allocates (a copy per I/O) and arms a timer around each submission; the
+//! ring brought 4 KiB random I/O on tmpfs from about a third of fio's rate to par (see
+//! `perf/results/`).
 //!
-//! **Pitfalls this module works around** (see `shared/DEPENDENCIES.md`):
-//!
-//! 1. `DmaFile::create`/`DmaFile::open` open write-only or read-only; the device is opened with
-//!    `OpenOptions::new().read(true).write(true)`.
-//! 2. When glommio opens a file it probes polled I/O with a read at offset 0, and caches the
-//!    answer per disk and thread. If that read needs no disk access (end of an empty file, or a
-//!    hole in a sparse one, such as any file just sized with `truncate`) it "succeeds", glommio
-//!    decides the disk polls, and every later read fails with `EOPNOTSUPP`. [`open`] refuses
-//!    files smaller than one block, and if offset 0 is a hole it writes zeroes over it with std
-//!    (zeroes over a hole change no byte) and syncs, before `dma_open` ever sees the file. It
-//!    cannot undo a wrong answer that another sparse file on the same disk already left cached
-//!    on this thread.
-//! 3. glommio classifies a file by the filesystem holding its *path*. A device node lives on
-//!    `/dev`, a tmpfs, so glommio would skip `O_DIRECT` and take its alignment and queue limits
-//!    from the wrong device. `O_DIRECT` is therefore always requested explicitly, and a block
-//!    device's size and logical block size come from its own ioctls, never from glommio.
-//! 4. A glommio executor pins `io_memory` (10 MiB by default) as registered buffers; without
-//!    root that needs `RLIMIT_MEMLOCK` to cover it. The tests ask for 1 MiB.
+//! A block device's size and logical block size come from its own ioctls; a regular file's
+//! `O_DIRECT` alignment from `statx(STATX_DIOALIGN)`.
 
 use std::cell::Cell;
 use std::fs::File;
@@ -44,14 +26,15 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use glommio::GlommioError;
-use glommio::io::{DmaFile, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
+use std::rc::Rc;
 
 use crate::buf::{DMA_ALIGN, DmaBuf};
 use crate::device::{
     BlockDevice, Capabilities, DeviceError, DeviceInfo, IoOp, Tier, check_range,
     write_zeroes_by_writes,
 };
+use crate::ring::{self, Ring};
 
 /// Logical block size of a regular-file device unless [`UringOptions::block_size`] says otherwise.
 pub const DEFAULT_FILE_BLOCK_SIZE: u32 = 4096;
@@ -113,10 +96,10 @@ pub enum OpenStep {
     GetSize,
     /// `BLKSSZGET`.
     GetBlockSize,
-    /// Writing zeroes over a hole at offset 0 of a regular file (pitfall 2 in the module docs).
-    FillHoleAtStart,
-    /// Opening through glommio with `O_DIRECT`.
+    /// Opening with `O_DIRECT`.
     OpenDirect,
+    /// Setting up the executor's io_uring.
+    OpenRing,
 }
 
 impl std::fmt::Display for OpenStep {
@@ -126,8 +109,8 @@ impl std::fmt::Display for OpenStep {
             OpenStep::OpenControl => "open (control handle)",
             OpenStep::GetSize => "read the size (BLKGETSIZE64)",
             OpenStep::GetBlockSize => "read the logical block size (BLKSSZGET)",
-            OpenStep::FillHoleAtStart => "write zeroes over the hole at offset 0",
-            OpenStep::OpenDirect => "open with O_DIRECT through io_uring",
+            OpenStep::OpenDirect => "open with O_DIRECT",
+            OpenStep::OpenRing => "set up io_uring",
         })
     }
 }
@@ -189,7 +172,9 @@ enum Kind {
 /// Must be opened, used and dropped on one glommio executor thread.
 pub struct UringDevice {
     info: DeviceInfo,
-    file: DmaFile,
+    /// The `O_DIRECT` handle every read, write and flush goes through.
+    direct: File,
+    ring: Rc<Ring>,
     /// Ordinary handle on the same path for ioctls and `fallocate`, never for reads or writes;
     /// shared with blocking-pool jobs so it outlives a cancelled request.
     ctl: Arc<File>,
@@ -268,7 +253,6 @@ pub async fn open(path: impl AsRef<Path>, opts: UringOptions) -> Result<UringDev
     check_block_size(path, block_size, device_block_size)?;
     let size_bytes = raw_size_bytes - raw_size_bytes % u64::from(block_size);
     if size_bytes == 0 {
-        // Also keeps an empty file away from glommio's polling probe (pitfall 2).
         return Err(OpenError::TooSmall {
             path: path.to_path_buf(),
             size_bytes: raw_size_bytes,
@@ -276,26 +260,19 @@ pub async fn open(path: impl AsRef<Path>, opts: UringOptions) -> Result<UringDev
         });
     }
 
-    if kind == Kind::RegularFile {
-        fill_hole_at_start(&ctl, raw_size_bytes)
-            .map_err(|e| io_err(OpenStep::FillHoleAtStart, e))?;
-    }
-    let file = OpenOptions::new()
+    let direct = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .dma_open(path)
-        .await
-        .map_err(|e| io_err(OpenStep::OpenDirect, glommio_to_io(e)))?;
+        .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|e| io_err(OpenStep::OpenDirect, e))?;
     if kind == Kind::RegularFile {
-        // For a file glommio's alignment is the logical block size of the disk under the
-        // filesystem: a smaller block size would turn every I/O into EINVAL.
-        let fs_block_size = u32::try_from(file.alignment()).unwrap_or(u32::MAX);
-        if let Err(e) = check_block_size(path, block_size, fs_block_size) {
-            let _ = file.close().await;
-            return Err(e);
-        }
+        // The filesystem's O_DIRECT offset alignment (usually the logical block size of the disk
+        // under it): a smaller block size would turn every I/O into EINVAL.
+        let dio_align = direct_io_alignment(&direct).map_err(|e| io_err(OpenStep::Stat, e))?;
+        check_block_size(path, block_size, dio_align)?;
     }
+    let ring = Ring::current().map_err(|e| io_err(OpenStep::OpenRing, e))?;
 
     let (tier, unmap) = match kind {
         Kind::RegularFile => (opts.tier.unwrap_or(Tier::Ssd), true),
@@ -320,7 +297,8 @@ pub async fn open(path: impl AsRef<Path>, opts: UringOptions) -> Result<UringDev
                 unmap,
             },
         },
-        file,
+        direct,
+        ring,
         ctl: Arc::new(ctl),
         kind,
         zero_range: Cell::new(kind == Kind::RegularFile),
@@ -333,10 +311,55 @@ impl UringDevice {
         self.kind == Kind::BlockDevice
     }
 
-    /// Closes the device, waiting for the descriptor to be released (dropping it closes it in the
-    /// background).
+    /// Closes the device. Nothing can be in flight (every request borrows the device), so this
+    /// only closes the descriptors.
     pub async fn close(self) -> io::Result<()> {
-        self.file.close().await.map_err(io::Error::from)
+        drop(self);
+        Ok(())
+    }
+
+    /// The io_uring setup the kernel accepted for this executor's ring.
+    pub fn ring_mode(&self) -> &'static str {
+        self.ring.mode()
+    }
+
+    /// Runs one request on the ring; `entry` refers to memory borrowed for `'a`.
+    async fn run(&self, entry: io_uring::squeue::Entry) -> io::Result<u32> {
+        // SAFETY: the entry names `self.direct` (open while `self` is borrowed) and buffers the
+        // caller lends for as long as this future lives; dropping it early waits for the kernel.
+        unsafe { self.ring.op(entry) }.await
+    }
+
+    /// Moves `len` bytes with requests made by `entry(bytes done so far)`, again after a short
+    /// transfer; a transfer of nothing is an error (end of file or device).
+    async fn transfer(
+        &self,
+        op: IoOp,
+        offset: u64,
+        len: usize,
+        mut entry: impl FnMut(usize) -> io_uring::squeue::Entry,
+    ) -> Result<(), DeviceError> {
+        let mut done = 0usize;
+        while done < len {
+            let n = self
+                .run(entry(done))
+                .await
+                .map_err(|e| self.io_error(op, offset, len as u64, e))?;
+            if n == 0 {
+                let what = if op == IoOp::Read { "read" } else { "write" };
+                return Err(self.io_error(
+                    op,
+                    offset,
+                    len as u64,
+                    io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("short {what}: {done} of {len} bytes"),
+                    ),
+                ));
+            }
+            done += n as usize;
+        }
+        Ok(())
     }
 
     fn io_error(&self, op: IoOp, offset: u64, len: u64, source: io::Error) -> DeviceError {
@@ -372,59 +395,30 @@ impl BlockDevice for UringDevice {
     }
 
     async fn read(&self, offset: u64, buf: &mut DmaBuf) -> Result<(), DeviceError> {
-        let len = buf.len();
-        check_range(&self.info, IoOp::Read, offset, len as u64)?;
+        check_range(&self.info, IoOp::Read, offset, buf.len() as u64)?;
         buf.assert_aligned(self.info.block_size as usize);
-        let data = self
-            .file
-            .read_at_aligned(offset, len)
-            .await
-            .map_err(|e| self.io_error(IoOp::Read, offset, len as u64, glommio_to_io(e)))?;
-        if data.len() != len {
-            return Err(self.io_error(
-                IoOp::Read,
-                offset,
-                len as u64,
-                io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("short read: {} of {len} bytes", data.len()),
-                ),
-            ));
-        }
-        buf.copy_from_slice(&data);
-        Ok(())
+        let fd = self.direct.as_raw_fd();
+        self.transfer(IoOp::Read, offset, buf.len(), |done| {
+            ring::read_entry(fd, offset + done as u64, &mut buf[done..])
+        })
+        .await
     }
 
     async fn write(&self, offset: u64, buf: &DmaBuf) -> Result<(), DeviceError> {
-        let len = buf.len();
-        check_range(&self.info, IoOp::Write, offset, len as u64)?;
+        check_range(&self.info, IoOp::Write, offset, buf.len() as u64)?;
         buf.assert_aligned(self.info.block_size as usize);
-        let mut dma = self.file.alloc_dma_buffer(len);
-        dma.as_bytes_mut().copy_from_slice(buf);
-        let written = self
-            .file
-            .write_at(dma, offset)
-            .await
-            .map_err(|e| self.io_error(IoOp::Write, offset, len as u64, glommio_to_io(e)))?;
-        if written != len {
-            return Err(self.io_error(
-                IoOp::Write,
-                offset,
-                len as u64,
-                io::Error::new(
-                    io::ErrorKind::WriteZero,
-                    format!("short write: {written} of {len} bytes"),
-                ),
-            ));
-        }
-        Ok(())
+        let fd = self.direct.as_raw_fd();
+        self.transfer(IoOp::Write, offset, buf.len(), |done| {
+            ring::write_entry(fd, offset + done as u64, &buf[done..])
+        })
+        .await
     }
 
     async fn flush(&self) -> Result<(), DeviceError> {
-        self.file
-            .fdatasync()
+        self.run(ring::fdatasync_entry(self.direct.as_raw_fd()))
             .await
-            .map_err(|e| self.io_error(IoOp::Flush, 0, 0, glommio_to_io(e)))
+            .map(|_| ())
+            .map_err(|e| self.io_error(IoOp::Flush, 0, 0, e))
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
@@ -434,17 +428,15 @@ impl BlockDevice for UringDevice {
                 self.on_blocking_pool(move |ctl| ioctl_range(ctl, BLKZEROOUT, offset, len))
                     .await
             }
-            Kind::RegularFile if self.zero_range.get() => {
-                self.on_blocking_pool(move |ctl| {
-                    fallocate(
-                        ctl,
-                        libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
-                        offset,
-                        len,
-                    )
-                })
+            Kind::RegularFile if self.zero_range.get() => self
+                .run(ring::fallocate_entry(
+                    self.direct.as_raw_fd(),
+                    libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                    offset,
+                    len,
+                ))
                 .await
-            }
+                .map(|_| ()),
             Kind::RegularFile => return write_zeroes_by_writes(self, offset, len).await,
         };
         match result {
@@ -465,10 +457,14 @@ impl BlockDevice for UringDevice {
         }
         let result = match self.kind {
             Kind::RegularFile => self
-                .file
-                .deallocate(offset, len)
+                .run(ring::fallocate_entry(
+                    self.direct.as_raw_fd(),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    offset,
+                    len,
+                ))
                 .await
-                .map_err(glommio_to_io),
+                .map(|_| ()),
             Kind::BlockDevice => {
                 self.on_blocking_pool(move |ctl| ioctl_range(ctl, BLKDISCARD, offset, len))
                     .await
@@ -499,38 +495,29 @@ fn check_block_size(path: &Path, block_size: u32, device_block_size: u32) -> Res
     }
 }
 
-/// If the file starts with a hole, writes zeroes over the start of that hole (at most 4 KiB, never
-/// past the file's end or into data) and syncs, so that glommio's polling probe, a read at offset
-/// 0, has to reach the disk. Zeroes over a hole change no byte of the file.
-fn fill_hole_at_start(ctl: &File, file_len: u64) -> io::Result<()> {
-    // SAFETY: plain system call on a descriptor we own.
-    let data_at = unsafe { libc::lseek(ctl.as_raw_fd(), 0, libc::SEEK_DATA) };
-    let hole_len = if data_at >= 0 {
-        data_at as u64
-    } else {
-        let err = io::Error::last_os_error();
-        match err.raw_os_error() {
-            // No data anywhere: the whole file is a hole.
-            Some(libc::ENXIO) => file_len,
-            _ => return Err(err),
-        }
+/// The `O_DIRECT` offset alignment of an open regular file (`statx(STATX_DIOALIGN)`, Linux
+/// 6.1+), or [`MIN_BLOCK_SIZE`] where the filesystem or kernel does not report one.
+fn direct_io_alignment(file: &File) -> io::Result<u32> {
+    const STATX_DIOALIGN: u32 = 0x2000;
+    // SAFETY: an all-zero statx is a valid value of the plain C struct.
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: statx on our descriptor with an empty path writes only into `stx`.
+    let rc = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            STATX_DIOALIGN,
+            &mut stx,
+        )
     };
-    let fill = hole_len.min(file_len).min(DMA_ALIGN as u64) as usize;
-    if fill == 0 {
-        return Ok(());
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
     }
-    std::os::unix::fs::FileExt::write_all_at(ctl, &[0u8; DMA_ALIGN][..fill], 0)?;
-    ctl.sync_data()
-}
-
-/// glommio's errors as `io::Error`, keeping the errno (glommio's own conversion turns its
-/// "enhanced" errors into messages without one); the device, operation and range are added by
-/// [`DeviceError`].
-fn glommio_to_io(err: GlommioError<()>) -> io::Error {
-    match err.raw_os_error() {
-        Some(code) => io::Error::from_raw_os_error(code),
-        None => io::Error::from(err),
+    if stx.stx_mask & STATX_DIOALIGN == 0 || stx.stx_dio_offset_align == 0 {
+        return Ok(MIN_BLOCK_SIZE);
     }
+    Ok(stx.stx_dio_offset_align)
 }
 
 fn is_unsupported(err: &io::Error) -> bool {
@@ -572,18 +559,6 @@ fn ioctl_range(ctl: &File, request: libc::Ioctl, offset: u64, len: u64) -> io::R
     // SAFETY: both ioctls read two u64 (start, length) through the pointer, which points to
     // `range`.
     let rc = unsafe { libc::ioctl(ctl.as_raw_fd(), request, range.as_ptr()) };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-fn fallocate(ctl: &File, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
-    let too_big = || io::Error::from_raw_os_error(libc::EFBIG);
-    let offset = libc::off_t::try_from(offset).map_err(|_| too_big())?;
-    let len = libc::off_t::try_from(len).map_err(|_| too_big())?;
-    // SAFETY: plain system call on a descriptor we own.
-    let rc = unsafe { libc::fallocate(ctl.as_raw_fd(), mode, offset, len) };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -876,27 +851,157 @@ mod tests {
     }
 
     #[test]
-    fn hole_at_start_is_filled_without_changing_a_byte() {
-        use std::os::unix::fs::FileExt;
+    fn a_sparse_file_reads_as_zeroes() {
+        // glommio's DmaFile took a hole at offset 0 for a polling device and then failed every
+        // read; the ring has no such probe.
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sparse.img");
-        create_file(&path, 64 * 1024).unwrap();
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&path)
-            .unwrap();
-        file.write_all_at(&[0x5a; 4096], 8192).unwrap();
-        file.sync_all().unwrap();
-        let before = std::fs::read(&path).unwrap();
-        fill_hole_at_start(&file, 64 * 1024).unwrap();
-        assert_eq!(std::fs::read(&path).unwrap(), before);
-        // SAFETY: plain system call on a descriptor we own.
-        let data_at = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_DATA) };
-        assert_eq!(data_at, 0, "offset 0 is still a hole");
-        // Idempotent once offset 0 holds data.
-        fill_hole_at_start(&file, 64 * 1024).unwrap();
-        assert_eq!(std::fs::read(&path).unwrap(), before);
+        create_file(&path, 1 << 20).unwrap();
+        run(async move {
+            let dev = open(&path, UringOptions::default()).await.unwrap();
+            let back = read_back(&dev, 0, 64 * 1024).await;
+            assert!(back.iter().all(|&b| b == 0));
+            dev.write(8192, &pattern(4096, 3)).await.unwrap();
+            assert_eq!(
+                &read_back(&dev, 8192, 4096).await[..],
+                &pattern(4096, 3)[..]
+            );
+        });
+    }
+
+    #[test]
+    fn more_requests_than_ring_entries_all_complete() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("busy.img");
+        let n = ring::RING_ENTRIES as usize * 3;
+        create_file(&path, (n * 4096) as u64).unwrap();
+        run(async move {
+            let dev = Rc::new(open(&path, UringOptions::default()).await.unwrap());
+            let mut tasks = Vec::new();
+            for i in 0..n {
+                let dev = Rc::clone(&dev);
+                tasks.push(glommio::spawn_local(async move {
+                    let buf = pattern(4096, i as u8);
+                    dev.write(i as u64 * 4096, &buf).await.unwrap();
+                }));
+            }
+            for t in tasks {
+                t.await;
+            }
+            for i in 0..n {
+                let back = read_back(&dev, i as u64 * 4096, 4096).await;
+                assert_eq!(&back[..], &pattern(4096, i as u8)[..], "block {i}");
+            }
+        });
+    }
+
+    #[test]
+    fn no_completion_is_lost_when_requests_arrive_while_the_ring_sleeps() {
+        // The ring's driver sleeps on an eventfd while requests are in flight and wakes for a
+        // new request too. Here requests keep arriving while others are in flight, on
+        // allocated blocks of a disk file (completions from the disk's interrupt, not inline);
+        // a lost wake-up leaves a request pending, which the timeouts turn into a failure.
+        // (The one such bug met so far, an eventfd read dropped while pending, showed only
+        // under a node's mixed network and disk load: `cluster_replication` caught it.)
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wake.img");
+        // Allocated blocks: overwrites complete from the disk's interrupt, not inline.
+        std::fs::write(&path, vec![0xa5u8; 8 << 20]).unwrap();
+        std::fs::File::open(&path).unwrap().sync_all().unwrap();
+        run(async move {
+            let dev = Rc::new(open(&path, UringOptions::default()).await.unwrap());
+            for round in 0..100u64 {
+                let first = {
+                    let dev = Rc::clone(&dev);
+                    glommio::spawn_local(async move {
+                        dev.write((round % 64) * 65536, &pattern(65536, round as u8))
+                            .await
+                    })
+                };
+                // Let the driver submit the first request and go to sleep on it (for a while, or
+                // not at all).
+                for _ in 0..(round % 4) {
+                    futures_lite::future::yield_now().await;
+                }
+                glommio::timer::sleep(std::time::Duration::from_micros(round % 7 * 20)).await;
+                let small = pattern(4096, 1);
+                let second = dev.write((round % 64) * 65536 + 4096 * 64, &small);
+                let both = async {
+                    second.await.unwrap();
+                    first.await.unwrap();
+                };
+                assert!(
+                    within(10, both).await,
+                    "round {round}: a request never completed"
+                );
+            }
+            // Sixteen writers with staggered arrivals, like a host at queue depth 16.
+            let mut writers = Vec::new();
+            for w in 0..16u64 {
+                let dev = Rc::clone(&dev);
+                writers.push(glommio::spawn_local(async move {
+                    let buf = pattern(4096, w as u8);
+                    for i in 0..200u64 {
+                        dev.write(((w * 200 + i) % 2048) * 4096, &buf)
+                            .await
+                            .unwrap();
+                        for _ in 0..((w + i) % 3) {
+                            futures_lite::future::yield_now().await;
+                        }
+                    }
+                }));
+            }
+            let all = async {
+                for w in writers {
+                    w.await;
+                }
+            };
+            assert!(
+                within(30, all).await,
+                "16 writers: a request never completed"
+            );
+        });
+    }
+
+    /// True if `fut` finishes within `secs` seconds.
+    async fn within(secs: u64, fut: impl Future<Output = ()>) -> bool {
+        let done = async {
+            fut.await;
+            true
+        };
+        let timeout = async {
+            glommio::timer::sleep(std::time::Duration::from_secs(secs)).await;
+            false
+        };
+        futures_lite::future::or(done, timeout).await
+    }
+
+    #[test]
+    fn a_request_dropped_in_flight_is_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cancel.img");
+        create_file(&path, 1 << 20).unwrap();
+        run(async move {
+            let dev = open(&path, UringOptions::default()).await.unwrap();
+            let buf = pattern(64 * 1024, 9);
+            {
+                // Poll once (queued), then drop: the drop must not return while the kernel can
+                // still read `buf`.
+                let mut write = std::pin::pin!(dev.write(0, &buf));
+                let waker = futures_lite::future::block_on(futures_lite::future::poll_fn(|cx| {
+                    std::task::Poll::Ready(cx.waker().clone())
+                }));
+                let mut cx = std::task::Context::from_waker(&waker);
+                assert!(write.as_mut().poll(&mut cx).is_pending());
+            }
+            drop(buf);
+            // The ring still works afterwards.
+            dev.write(4096, &pattern(4096, 1)).await.unwrap();
+            assert_eq!(
+                &read_back(&dev, 4096, 4096).await[..],
+                &pattern(4096, 1)[..]
+            );
+        });
     }
 
     /// A loop device over a sparse image; detached on drop, so also when the test fails.
