@@ -82,6 +82,8 @@ pub struct Ring {
     in_flight: Cell<usize>,
     /// Entries queued since the last `io_uring_enter`.
     queued: Cell<bool>,
+    /// Spare buffer for [`Ring::reap`].
+    wakers: RefCell<Vec<Waker>>,
     /// The driver task, when it is parked waiting for work.
     driver: RefCell<Option<Waker>>,
     /// Signalled by the kernel when completions are posted (registered with the ring).
@@ -151,6 +153,7 @@ impl Ring {
             free: RefCell::new(Vec::new()),
             in_flight: Cell::new(0),
             queued: Cell::new(false),
+            wakers: RefCell::new(Vec::new()),
             driver: RefCell::new(None),
             eventfd,
             mode,
@@ -279,7 +282,8 @@ impl Ring {
 
     /// Moves posted completions into their slots and wakes their tasks; returns how many.
     fn reap(&self) -> usize {
-        let mut wakers = Vec::new();
+        // The wakers to call, in a buffer kept between calls (no allocation per reap).
+        let mut wakers = std::mem::take(&mut *self.wakers.borrow_mut());
         let mut n = 0;
         {
             let mut uring = self.uring.borrow_mut();
@@ -299,9 +303,10 @@ impl Ring {
             }
         }
         self.in_flight.set(self.in_flight.get() - n);
-        for w in wakers {
+        for w in wakers.drain(..) {
             w.wake();
         }
+        *self.wakers.borrow_mut() = wakers;
         n
     }
 
