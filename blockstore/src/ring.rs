@@ -261,7 +261,6 @@ impl Ring {
     /// Submits what is queued and runs the kernel's deferred completion work, without waiting.
     fn enter(&self, min_complete: u32) -> io::Result<()> {
         let mut uring = self.uring.borrow_mut();
-        self.queued.set(false);
         let to_submit = uring.submission().len();
         // SAFETY: a plain io_uring_enter on our ring with no extra argument.
         let res = unsafe {
@@ -272,12 +271,16 @@ impl Ring {
                 None,
             )
         };
-        match res {
+        let res = match res {
             Ok(_) => Ok(()),
             // Interrupted, or the completion queue is full: the caller reaps and comes back.
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => Ok(()),
             Err(e) => Err(e),
-        }
+        };
+        // Whatever the kernel did not take (interrupted, short of memory) stays queued, and the
+        // driver comes back for it instead of sleeping.
+        self.queued.set(!uring.submission().is_empty());
+        res
     }
 
     /// Moves posted completions into their slots and wakes their tasks; returns how many.
