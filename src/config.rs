@@ -18,7 +18,7 @@
 //! pin_cores = true            # pin executor i to CPU i (false: several nodes on one machine)
 //! cache_size = "256MiB"       # unified read cache of the node (split between its cores)
 //! oplog_cap = "6GiB"          # per vdisk
-//! disk_io_timeout_secs = 30   # I/O in flight, none completed this long: its disk goes offline
+//! disk_io_timeout_secs = 30   # an I/O in flight this long takes its disk offline
 //! disk_readmit_after_secs = 60 # an offline disk is validated and re-admitted after this
 //! disk_offline_limit = 3      # offline this many times within an hour: it stays offline
 //!
@@ -206,7 +206,7 @@ pub struct NodeConfig {
     /// Oplog cap per vdisk.
     #[serde(default = "default_oplog_cap")]
     pub oplog_cap: Size,
-    /// I/O in flight with none completed this long takes its disk offline (seconds).
+    /// An I/O in flight this long takes its disk offline (seconds).
     #[serde(default = "default_disk_io_timeout")]
     pub disk_io_timeout_secs: u64,
     /// An offline disk is validated and re-admitted after this long (seconds).

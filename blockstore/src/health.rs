@@ -2,13 +2,14 @@
 //! operations that take too long, and the policy that takes a disk offline and back.
 //!
 //! * [`Monitored`] wraps any [`BlockDevice`]. It counts `DeviceError::Io` results (range and
-//!   alignment errors are the caller's bugs, not the disk's) and the operations started and
-//!   finished (two counters: nothing per operation is allocated or timed), so a device that
-//!   stops completing operations is seen while it hangs. Once its
+//!   alignment errors are the caller's bugs, not the disk's) and the operations in flight per
+//!   *generation* (a counter per age class that [`DiskWatch`] advances with time: nothing per
+//!   operation is allocated or timed), so an operation stuck in the device is seen while it
+//!   hangs, even while others complete. Once its
 //!   [`DeviceHealth`] is set offline, every operation fails at once with
 //!   [`DeviceError::Offline`] and the disk is not touched again until it is set online.
 //! * [`DiskWatch`] is the policy, after the seeds: a disk with an I/O error, or with
-//!   operations in flight and none completed for [`HealthPolicy::io_timeout`], goes offline; after
+//!   an operation in flight for [`HealthPolicy::io_timeout`], goes offline; after
 //!   [`HealthPolicy::readmit_after`] it is validated and, if sound, re-admitted; the
 //!   [`HealthPolicy::offline_limit`]-th time within [`HealthPolicy::window`] (3 in an hour) it
 //!   stays offline until an operator intervenes. It is pure logic over the times it is given.
@@ -37,6 +38,9 @@ pub struct DeviceHealth {
     inner: Rc<HealthInner>,
 }
 
+/// Age classes of operations in flight (see [`DeviceHealth::in_flight_by_generation`]).
+const GENERATIONS: usize = 32;
+
 #[derive(Default)]
 struct HealthInner {
     errors: Cell<u64>,
@@ -44,6 +48,10 @@ struct HealthInner {
     started: Cell<u64>,
     finished: Cell<u64>,
     offline: Cell<bool>,
+    /// The generation operations started now belong to; [`DiskWatch`] advances it with time.
+    generation: Cell<u64>,
+    /// Operations in flight per generation, at `generation % GENERATIONS`.
+    by_generation: [Cell<u64>; GENERATIONS],
 }
 
 impl DeviceHealth {
@@ -77,17 +85,62 @@ impl DeviceHealth {
         self.inner.offline.set(offline);
     }
 
-    fn start(&self) {
-        self.inner.started.set(self.inner.started.get() + 1);
+    /// The current generation.
+    fn generation(&self) -> u64 {
+        self.inner.generation.get()
     }
 
-    fn finish<T>(&self, result: Result<T, DeviceError>) -> Result<T, DeviceError> {
-        self.inner.finished.set(self.inner.finished.get() + 1);
+    /// Starts a new generation: operations started from now on belong to it.
+    fn advance_generation(&self) -> u64 {
+        let g = self.inner.generation.get() + 1;
+        self.inner.generation.set(g);
+        g
+    }
+
+    /// Operations still in flight that started in generation `g` (0 once `g` is more than
+    /// [`GENERATIONS`] behind: its slot is then another generation's).
+    fn in_flight_of(&self, g: u64) -> u64 {
+        if self.generation() - g >= GENERATIONS as u64 {
+            return 0;
+        }
+        self.inner.by_generation[(g % GENERATIONS as u64) as usize].get()
+    }
+
+    fn start(&self) -> Ticket<'_> {
+        self.inner.started.set(self.inner.started.get() + 1);
+        let generation = self.generation();
+        let slot = &self.inner.by_generation[(generation % GENERATIONS as u64) as usize];
+        slot.set(slot.get() + 1);
+        Ticket {
+            health: self,
+            generation,
+        }
+    }
+}
+
+/// One operation in flight; it ends when finished or dropped (a caller that gave up on it).
+struct Ticket<'a> {
+    health: &'a DeviceHealth,
+    generation: u64,
+}
+
+impl Ticket<'_> {
+    fn finish<T>(self, result: Result<T, DeviceError>) -> Result<T, DeviceError> {
         if let Err(e @ DeviceError::Io { .. }) = &result {
-            self.inner.errors.set(self.inner.errors.get() + 1);
-            *self.inner.last_error.borrow_mut() = Some(e.to_string());
+            let inner = &self.health.inner;
+            inner.errors.set(inner.errors.get() + 1);
+            *inner.last_error.borrow_mut() = Some(e.to_string());
         }
         result
+    }
+}
+
+impl Drop for Ticket<'_> {
+    fn drop(&mut self) {
+        let inner = &self.health.inner;
+        inner.finished.set(inner.finished.get() + 1);
+        let slot = &inner.by_generation[(self.generation % GENERATIONS as u64) as usize];
+        slot.set(slot.get().saturating_sub(1));
     }
 }
 
@@ -135,37 +188,37 @@ impl<D: BlockDevice> BlockDevice for Monitored<D> {
 
     async fn read(&self, offset: u64, buf: &mut DmaBuf) -> Result<(), DeviceError> {
         self.refuse(IoOp::Read, offset)?;
-        self.health.start();
+        let ticket = self.health.start();
         let r = self.inner.read(offset, buf).await;
-        self.health.finish(r)
+        ticket.finish(r)
     }
 
     async fn write(&self, offset: u64, buf: &DmaBuf) -> Result<(), DeviceError> {
         self.refuse(IoOp::Write, offset)?;
-        self.health.start();
+        let ticket = self.health.start();
         let r = self.inner.write(offset, buf).await;
-        self.health.finish(r)
+        ticket.finish(r)
     }
 
     async fn flush(&self) -> Result<(), DeviceError> {
         self.refuse(IoOp::Flush, 0)?;
-        self.health.start();
+        let ticket = self.health.start();
         let r = self.inner.flush().await;
-        self.health.finish(r)
+        ticket.finish(r)
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
         self.refuse(IoOp::WriteZeroes, offset)?;
-        self.health.start();
+        let ticket = self.health.start();
         let r = self.inner.write_zeroes(offset, len).await;
-        self.health.finish(r)
+        ticket.finish(r)
     }
 
     async fn unmap(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
         self.refuse(IoOp::Unmap, offset)?;
-        self.health.start();
+        let ticket = self.health.start();
         let r = self.inner.unmap(offset, len).await;
-        self.health.finish(r)
+        ticket.finish(r)
     }
 }
 
@@ -246,8 +299,9 @@ pub struct DiskWatch {
     policy: HealthPolicy,
     state: DiskState,
     errors_seen: u64,
-    /// Operations finished at the last check that saw progress (or nothing in flight), and when.
-    progress: Option<(u64, Instant)>,
+    /// The generations of operations this watch has started, oldest first, with when each
+    /// began (the next one's start is its end); at most [`GENERATIONS`].
+    generations: VecDeque<(u64, Instant)>,
     events: VecDeque<Instant>,
 }
 
@@ -258,7 +312,7 @@ impl DiskWatch {
             policy,
             state: DiskState::Online,
             errors_seen,
-            progress: None,
+            generations: VecDeque::new(),
             events: VecDeque::new(),
         }
     }
@@ -302,26 +356,47 @@ impl DiskWatch {
         }
     }
 
-    /// Why the device looks hung: operations in flight and none finished for the timeout.
+    /// Why the device looks hung: operations in flight for longer than the timeout.
+    ///
+    /// Operations are counted per generation, not timed one by one (no clock read per I/O): each
+    /// check starts a new generation once 1/16 of the timeout has passed since the last one
+    /// began, and a generation that ended at least the timeout ago with operations still in
+    /// flight means each of them has been in flight that long, even while others complete.
     fn stalled(&mut self, now: Instant, health: &DeviceHealth) -> Option<String> {
-        let (finished, in_flight) = (health.finished(), health.in_flight());
-        match self.progress {
-            Some((seen, since)) if seen == finished && in_flight > 0 => {
-                let idle = now.saturating_duration_since(since);
-                (idle >= self.policy.io_timeout).then(|| {
-                    format!(
-                        "{in_flight} operation(s) in flight and none completed for {:.1} s \
-                         (timeout {:?})",
-                        idle.as_secs_f64(),
-                        self.policy.io_timeout
-                    )
-                })
+        let step = self.policy.io_timeout / (GENERATIONS as u32 / 2);
+        match self.generations.back() {
+            None => self.generations.push_back((health.generation(), now)),
+            Some(&(_, began)) if now.saturating_duration_since(began) >= step => {
+                self.generations
+                    .push_back((health.advance_generation(), now));
+                if self.generations.len() > GENERATIONS {
+                    self.generations.pop_front();
+                }
             }
-            _ => {
-                self.progress = Some((finished, now));
-                None
+            Some(_) => {}
+        }
+        let mut stuck = 0;
+        let mut oldest = None;
+        for pair in self.generations.iter().zip(self.generations.iter().skip(1)) {
+            let (&(g, began), &(_, ended)) = pair;
+            if now.saturating_duration_since(ended) < self.policy.io_timeout {
+                break;
+            }
+            let n = health.in_flight_of(g);
+            if n > 0 {
+                stuck += n;
+                oldest.get_or_insert(began);
             }
         }
+        oldest.map(|began| {
+            format!(
+                "{stuck} operation(s) in flight for longer than the timeout ({:?}), the oldest \
+                 for up to {:.1} s; {} in flight in all",
+                self.policy.io_timeout,
+                now.saturating_duration_since(began).as_secs_f64(),
+                health.in_flight()
+            )
+        })
     }
 
     fn take_offline(&mut self, now: Instant, health: &DeviceHealth, reason: String) -> DiskAction {
@@ -367,7 +442,8 @@ impl DiskWatch {
         match result {
             Ok(()) => {
                 self.errors_seen = health.errors();
-                self.progress = None;
+                // Operations from before going offline are not timed again.
+                self.generations.clear();
                 self.state = DiskState::Online;
                 health.set_offline(false);
                 None
@@ -391,7 +467,7 @@ mod tests {
     }
 
     fn fail(h: &DeviceHealth) {
-        h.start();
+        let t = h.start();
         let e = DeviceError::Io {
             device: "d".into(),
             op: IoOp::Write,
@@ -399,7 +475,7 @@ mod tests {
             len: 4096,
             source: std::io::Error::other("ENOSPC"),
         };
-        let _ = h.finish::<()>(Err(e));
+        let _ = t.finish::<()>(Err(e));
     }
 
     #[test]
@@ -437,19 +513,19 @@ mod tests {
         let t0 = Instant::now();
         let at = |s: u64| t0 + Duration::from_secs(s);
         // Busy but progressing: never a timeout.
-        h.start();
+        let mut op = h.start();
         assert_eq!(w.check(at(0), &h), None);
         for s in 1..20 {
-            let _ = h.finish::<()>(Ok(()));
-            h.start();
+            let _ = op.finish::<()>(Ok(()));
+            op = h.start();
             assert_eq!(w.check(at(s * 4), &h), None);
         }
         // Idle (nothing in flight) for long: not a timeout either.
-        let _ = h.finish::<()>(Ok(()));
+        let _ = op.finish::<()>(Ok(()));
         assert_eq!(w.check(at(200), &h), None);
         // One operation that never completes (started after the check at 200 s): offline
-        // once the timeout has passed since the last check that saw no stall.
-        h.start();
+        // once it has been in flight for the timeout (5 s), give or take a generation.
+        let stuck = h.start();
         assert_eq!(w.check(at(201), &h), None);
         assert_eq!(w.check(at(204), &h), None);
         match w.check(at(206), &h) {
@@ -457,6 +533,54 @@ mod tests {
                 assert!(reason.contains("1 operation(s) in flight"), "{reason}")
             }
             other => panic!("{other:?}"),
+        }
+        drop(stuck);
+    }
+
+    #[test]
+    fn one_stuck_operation_is_seen_while_others_complete() {
+        let h = DeviceHealth::default();
+        let mut w = DiskWatch::new(policy(), 0);
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        assert_eq!(w.check(at(0), &h), None);
+        let stuck = h.start();
+        // Others start and complete all the time; checks every 500 ms.
+        for tick in 1..=9 {
+            for _ in 0..100 {
+                let _ = h.start().finish::<()>(Ok(()));
+            }
+            assert_eq!(w.check(at(tick * 500), &h), None, "at {} ms", tick * 500);
+        }
+        for _ in 0..100 {
+            let _ = h.start().finish::<()>(Ok(()));
+        }
+        let busy = h.start();
+        match w.check(at(5500), &h) {
+            Some(DiskAction::TakeOffline { reason, .. }) => {
+                assert!(
+                    reason.contains("1 operation(s) in flight for longer than the timeout")
+                        && reason.contains("2 in flight in all"),
+                    "{reason}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        drop((stuck, busy));
+        assert_eq!(h.in_flight(), 0);
+    }
+
+    #[test]
+    fn an_operation_given_up_on_is_not_in_flight() {
+        let h = DeviceHealth::default();
+        let mut w = DiskWatch::new(policy(), 0);
+        let t0 = Instant::now();
+        assert_eq!(w.check(t0, &h), None);
+        // A caller drops its request future: the ticket goes with it.
+        drop(h.start());
+        assert_eq!(h.in_flight(), 0);
+        for s in 1..30 {
+            assert_eq!(w.check(t0 + Duration::from_secs(s), &h), None);
         }
     }
 
