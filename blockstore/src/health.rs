@@ -31,8 +31,8 @@ pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long an offline disk rests before it is validated for re-admission.
 pub const DEFAULT_READMIT_AFTER: Duration = Duration::from_secs(60);
 
-/// What a device's watchers share: error count, operations started and finished, the offline
-/// switch.
+/// What a device's watchers share: error count, operations in flight by generation, the
+/// offline switch.
 #[derive(Clone, Default)]
 pub struct DeviceHealth {
     inner: Rc<HealthInner>,
@@ -45,8 +45,6 @@ const GENERATIONS: usize = 32;
 struct HealthInner {
     errors: Cell<u64>,
     last_error: RefCell<Option<String>>,
-    started: Cell<u64>,
-    finished: Cell<u64>,
     offline: Cell<bool>,
     /// The generation operations started now belong to; [`DiskWatch`] advances it with time.
     generation: Cell<u64>,
@@ -65,14 +63,9 @@ impl DeviceHealth {
         self.inner.last_error.borrow().clone()
     }
 
-    /// Operations finished since the device was opened.
-    pub fn finished(&self) -> u64 {
-        self.inner.finished.get()
-    }
-
-    /// Operations in flight now.
+    /// Operations in flight now (every generation's, however old).
     pub fn in_flight(&self) -> u64 {
-        self.inner.started.get() - self.inner.finished.get()
+        self.inner.by_generation.iter().map(Cell::get).sum()
     }
 
     /// Whether operations are refused.
@@ -107,7 +100,6 @@ impl DeviceHealth {
     }
 
     fn start(&self) -> Ticket<'_> {
-        self.inner.started.set(self.inner.started.get() + 1);
         let generation = self.generation();
         let slot = &self.inner.by_generation[(generation % GENERATIONS as u64) as usize];
         slot.set(slot.get() + 1);
@@ -137,9 +129,8 @@ impl Ticket<'_> {
 
 impl Drop for Ticket<'_> {
     fn drop(&mut self) {
-        let inner = &self.health.inner;
-        inner.finished.set(inner.finished.get() + 1);
-        let slot = &inner.by_generation[(self.generation % GENERATIONS as u64) as usize];
+        let slot =
+            &self.health.inner.by_generation[(self.generation % GENERATIONS as u64) as usize];
         slot.set(slot.get().saturating_sub(1));
     }
 }
@@ -466,6 +457,15 @@ mod tests {
         }
     }
 
+    /// A device's health, its watch under [`policy`], and the start of time.
+    fn watched() -> (DeviceHealth, DiskWatch, Instant) {
+        (
+            DeviceHealth::default(),
+            DiskWatch::new(policy(), 0),
+            Instant::now(),
+        )
+    }
+
     fn fail(h: &DeviceHealth) {
         let t = h.start();
         let e = DeviceError::Io {
@@ -480,9 +480,7 @@ mod tests {
 
     #[test]
     fn an_error_takes_the_disk_offline_and_validation_brings_it_back() {
-        let h = DeviceHealth::default();
-        let mut w = DiskWatch::new(policy(), 0);
-        let t0 = Instant::now();
+        let (h, mut w, t0) = watched();
         assert_eq!(w.check(t0, &h), None);
         fail(&h);
         let Some(DiskAction::TakeOffline {
@@ -508,9 +506,7 @@ mod tests {
 
     #[test]
     fn a_device_that_stops_completing_counts_as_a_timeout() {
-        let h = DeviceHealth::default();
-        let mut w = DiskWatch::new(policy(), 0);
-        let t0 = Instant::now();
+        let (h, mut w, t0) = watched();
         let at = |s: u64| t0 + Duration::from_secs(s);
         // Busy but progressing: never a timeout.
         let mut op = h.start();
@@ -539,9 +535,7 @@ mod tests {
 
     #[test]
     fn one_stuck_operation_is_seen_while_others_complete() {
-        let h = DeviceHealth::default();
-        let mut w = DiskWatch::new(policy(), 0);
-        let t0 = Instant::now();
+        let (h, mut w, t0) = watched();
         let at = |ms: u64| t0 + Duration::from_millis(ms);
         assert_eq!(w.check(at(0), &h), None);
         let stuck = h.start();
@@ -572,9 +566,7 @@ mod tests {
 
     #[test]
     fn an_operation_given_up_on_is_not_in_flight() {
-        let h = DeviceHealth::default();
-        let mut w = DiskWatch::new(policy(), 0);
-        let t0 = Instant::now();
+        let (h, mut w, t0) = watched();
         assert_eq!(w.check(t0, &h), None);
         // A caller drops its request future: the ticket goes with it.
         drop(h.start());
@@ -586,9 +578,7 @@ mod tests {
 
     #[test]
     fn three_times_in_an_hour_keeps_it_offline_but_old_events_expire() {
-        let h = DeviceHealth::default();
-        let mut w = DiskWatch::new(policy(), 0);
-        let t0 = Instant::now();
+        let (h, mut w, t0) = watched();
         let mut now = t0;
         // Two events, an hour apart each from the next: never retired.
         for _ in 0..4 {
@@ -622,9 +612,7 @@ mod tests {
 
     #[test]
     fn a_failed_validation_is_another_event() {
-        let h = DeviceHealth::default();
-        let mut w = DiskWatch::new(policy(), 0);
-        let t0 = Instant::now();
+        let (h, mut w, t0) = watched();
         fail(&h);
         w.check(t0, &h);
         let t1 = t0 + Duration::from_secs(10);

@@ -30,7 +30,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::marker::PhantomData;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::rc::{Rc, Weak};
 use std::task::{Context, Poll, Waker};
@@ -88,8 +88,6 @@ pub struct Ring {
     driver: RefCell<Option<Waker>>,
     /// Signalled by the kernel when completions are posted (registered with the ring).
     eventfd: OwnedFd,
-    /// Which setup the kernel accepted, for reports.
-    mode: &'static str,
 }
 
 impl Ring {
@@ -113,22 +111,24 @@ impl Ring {
 
     fn new() -> io::Result<Ring> {
         // Newest setup first; older kernels refuse the flags they do not know with EINVAL.
-        let attempts: [(&'static str, Configure); 3] = [
-            ("single issuer, deferred task work", |b| {
+        let attempts: [Configure; 3] = [
+            // Single issuer, deferred task work (6.1+).
+            |b| {
                 b.setup_single_issuer().setup_defer_taskrun();
-            }),
-            ("cooperative task work", |b| {
+            },
+            // Cooperative task work (5.19+).
+            |b| {
                 b.setup_coop_taskrun().setup_taskrun_flag();
-            }),
-            ("plain", |_| {}),
+            },
+            |_| {},
         ];
         let mut last_err = None;
-        for (mode, configure) in attempts {
+        for configure in attempts {
             let mut builder = IoUring::builder();
             builder.setup_cqsize(CQ_ENTRIES).setup_clamp();
             configure(&mut builder);
             match builder.build(RING_ENTRIES) {
-                Ok(uring) => return Ring::with(uring, mode),
+                Ok(uring) => return Ring::with(uring),
                 Err(e) if e.raw_os_error() == Some(libc::EINVAL) => last_err = Some(e),
                 Err(e) => return Err(e),
             }
@@ -136,7 +136,7 @@ impl Ring {
         Err(last_err.unwrap_or_else(|| io::Error::from_raw_os_error(libc::EINVAL)))
     }
 
-    fn with(uring: IoUring, mode: &'static str) -> io::Result<Ring> {
+    fn with(uring: IoUring) -> io::Result<Ring> {
         // Blocking on purpose: io_uring answers a read of a non-blocking descriptor with EAGAIN
         // instead of waiting for it to become readable.
         // SAFETY: plain system call.
@@ -156,13 +156,7 @@ impl Ring {
             wakers: RefCell::new(Vec::new()),
             driver: RefCell::new(None),
             eventfd,
-            mode,
         })
-    }
-
-    /// The ring setup the kernel accepted.
-    pub fn mode(&self) -> &'static str {
-        self.mode
     }
 
     /// A request for `entry`, which must refer only to memory that outlives `'a` (the buffer the
@@ -395,7 +389,7 @@ impl Drop for Op<'_> {
 async fn drive(ring: Weak<Ring>, eventfd: OwnedFd) {
     // SAFETY: the descriptor is ours (a duplicate of the ring's eventfd); the glommio file owns
     // and closes it.
-    let notifier = unsafe { glommio::io::BufferedFile::from_raw_fd(eventfd_into_raw(eventfd)) };
+    let notifier = unsafe { glommio::io::BufferedFile::from_raw_fd(eventfd.into_raw_fd()) };
     // One read of the eventfd is always outstanding, and never dropped before it completes: a
     // read given up on may already have consumed the count, and the signal would be lost.
     let mut signalled = Box::pin(notifier.read_at(0, 8));
@@ -447,10 +441,6 @@ async fn drive(ring: Weak<Ring>, eventfd: OwnedFd) {
     let _ = notifier.close().await;
 }
 
-fn eventfd_into_raw(fd: OwnedFd) -> RawFd {
-    std::os::fd::IntoRawFd::into_raw_fd(fd)
-}
-
 /// Resolves once a task queues a request (the ring wakes its driver) or the ring is gone.
 struct Park<'a> {
     ring: &'a Weak<Ring>,
@@ -471,16 +461,22 @@ impl Future for Park<'_> {
     }
 }
 
+/// Length of one request for `buf`: all of it, up to what an SQE can say (the caller goes on
+/// after a short transfer).
+fn request_len(buf: &[u8]) -> u32 {
+    u32::try_from(buf.len()).unwrap_or(u32::MAX)
+}
+
 /// Reads `buf.len()` bytes at `offset` of `fd`.
 pub fn read_entry(fd: RawFd, offset: u64, buf: &mut [u8]) -> squeue::Entry {
-    opcode::Read::new(types::Fd(fd), buf.as_mut_ptr(), buf.len() as u32)
+    opcode::Read::new(types::Fd(fd), buf.as_mut_ptr(), request_len(buf))
         .offset(offset)
         .build()
 }
 
 /// Writes `buf` at `offset` of `fd`.
 pub fn write_entry(fd: RawFd, offset: u64, buf: &[u8]) -> squeue::Entry {
-    opcode::Write::new(types::Fd(fd), buf.as_ptr(), buf.len() as u32)
+    opcode::Write::new(types::Fd(fd), buf.as_ptr(), request_len(buf))
         .offset(offset)
         .build()
 }

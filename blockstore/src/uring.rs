@@ -318,12 +318,8 @@ impl UringDevice {
         Ok(())
     }
 
-    /// The io_uring setup the kernel accepted for this executor's ring.
-    pub fn ring_mode(&self) -> &'static str {
-        self.ring.mode()
-    }
-
-    /// Runs one request on the ring; `entry` refers to memory borrowed for `'a`.
+    /// Runs one request on the ring; `entry` may name only `self.direct` and memory the caller
+    /// keeps borrowed while this future lives.
     async fn run(&self, entry: io_uring::squeue::Entry) -> io::Result<u32> {
         // SAFETY: the entry names `self.direct` (open while `self` is borrowed) and buffers the
         // caller lends for as long as this future lives; dropping it early waits for the kernel.
@@ -612,6 +608,15 @@ mod tests {
             .run(fut)
     }
 
+    /// Runs `test` on a new sparse file of `size` bytes opened as a device (on the disk under
+    /// the temporary directory, so completions come from the disk, not inline).
+    fn on_new_file<Fut: Future<Output = ()>>(size: u64, test: impl FnOnce(UringDevice) -> Fut) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dev.img");
+        create_file(&path, size).unwrap();
+        run(async move { test(open(&path, UringOptions::default()).await.unwrap()).await });
+    }
+
     fn pattern(len: usize, seed: u8) -> DmaBuf {
         let mut buf = DmaBuf::new(len);
         for (i, b) in buf.iter_mut().enumerate() {
@@ -854,11 +859,7 @@ mod tests {
     fn a_sparse_file_reads_as_zeroes() {
         // glommio's DmaFile took a hole at offset 0 for a polling device and then failed every
         // read; the ring has no such probe.
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("sparse.img");
-        create_file(&path, 1 << 20).unwrap();
-        run(async move {
-            let dev = open(&path, UringOptions::default()).await.unwrap();
+        on_new_file(1 << 20, async |dev| {
             let back = read_back(&dev, 0, 64 * 1024).await;
             assert!(back.iter().all(|&b| b == 0));
             dev.write(8192, &pattern(4096, 3)).await.unwrap();
@@ -871,12 +872,9 @@ mod tests {
 
     #[test]
     fn more_requests_than_ring_entries_all_complete() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("busy.img");
         let n = ring::RING_ENTRIES as usize * 3;
-        create_file(&path, (n * 4096) as u64).unwrap();
-        run(async move {
-            let dev = Rc::new(open(&path, UringOptions::default()).await.unwrap());
+        on_new_file((n * 4096) as u64, async |dev| {
+            let dev = Rc::new(dev);
             let mut tasks = Vec::new();
             for i in 0..n {
                 let dev = Rc::clone(&dev);
@@ -978,11 +976,7 @@ mod tests {
 
     #[test]
     fn a_request_dropped_in_flight_is_waited_for() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("cancel.img");
-        create_file(&path, 1 << 20).unwrap();
-        run(async move {
-            let dev = open(&path, UringOptions::default()).await.unwrap();
+        on_new_file(1 << 20, async |dev| {
             let buf = pattern(64 * 1024, 9);
             {
                 // Poll once (queued), then drop: the drop must not return while the kernel can
