@@ -91,6 +91,10 @@ pub struct Capabilities {
     pub write_zeroes: bool,
     /// `unmap` releases space (false: `unmap` is refused with [`DeviceError::Unsupported`]).
     pub unmap: bool,
+    /// `write_fua` is one device operation that returns once its data is durable, at about the
+    /// cost of a plain write (false: it is a write followed by a whole-device flush, and a
+    /// caller making several writes durable does better with plain writes and one flush).
+    pub fua: bool,
 }
 
 /// What a device is.
@@ -261,6 +265,14 @@ pub trait BlockDevice {
     /// Makes every write that completed before this call durable.
     async fn flush(&self) -> Result<(), DeviceError>;
 
+    /// Writes `buf` at `offset` and returns once it is durable (Force Unit Access). Other
+    /// writes are not made durable by it. Native where [`Capabilities::fua`]; otherwise a
+    /// write then a flush.
+    async fn write_fua(&self, offset: u64, buf: &DmaBuf) -> Result<(), DeviceError> {
+        self.write(offset, buf).await?;
+        self.flush().await
+    }
+
     /// Writes `len` zero bytes at `offset` (offloaded where [`Capabilities::write_zeroes`]).
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DeviceError>;
 
@@ -305,6 +317,9 @@ macro_rules! forward_device {
             }
             async fn flush(&self) -> Result<(), DeviceError> {
                 (**self).flush().await
+            }
+            async fn write_fua(&self, offset: u64, buf: &DmaBuf) -> Result<(), DeviceError> {
+                (**self).write_fua(offset, buf).await
             }
             async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
                 (**self).write_zeroes(offset, len).await

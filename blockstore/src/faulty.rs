@@ -43,6 +43,10 @@ pub struct FaultConfig {
     /// Model a volatile write cache (writes are durable only after a flush). Without it, every
     /// completed write is durable at once.
     pub volatile_cache: bool,
+    /// Report cheap FUA writes ([`crate::device::Capabilities::fua`]), so that stores make
+    /// writes durable with FUA instead of flushes. Either way `write_fua` is durable on
+    /// completion.
+    pub fua: bool,
     /// Latency range added to every operation, with the sleep function to wait it.
     pub latency: Option<(Duration, Duration, SleepFn)>,
 }
@@ -56,6 +60,7 @@ impl std::fmt::Debug for FaultConfig {
             .field("bit_flip_rate", &self.bit_flip_rate)
             .field("power_cut_after_ops", &self.power_cut_after_ops)
             .field("volatile_cache", &self.volatile_cache)
+            .field("fua", &self.fua)
             .field("latency", &self.latency.as_ref().map(|(a, b, _)| (a, b)))
             .finish()
     }
@@ -83,6 +88,8 @@ pub struct FaultStats {
 /// A device wrapper that injects faults.
 pub struct FaultyDevice<D: BlockDevice> {
     inner: D,
+    /// The inner device's, with `caps.fua` from the configuration.
+    info: DeviceInfo,
     cfg: FaultConfig,
     rng: RefCell<ChaCha8Rng>,
     /// Completed writes not yet flushed, in completion order.
@@ -94,8 +101,11 @@ pub struct FaultyDevice<D: BlockDevice> {
 impl<D: BlockDevice> FaultyDevice<D> {
     /// Wraps `inner`.
     pub fn new(inner: D, cfg: FaultConfig) -> Self {
+        let mut info = inner.info().clone();
+        info.caps.fua = cfg.fua;
         Self {
             rng: RefCell::new(ChaCha8Rng::seed_from_u64(cfg.seed)),
+            info,
             inner,
             cfg,
             cache: RefCell::new(Vec::new()),
@@ -167,35 +177,54 @@ impl<D: BlockDevice> FaultyDevice<D> {
             return Ok(());
         }
         let cached = std::mem::take(&mut *self.cache.borrow_mut());
-        let bs = self.inner.info().block_size as usize;
         for (offset, buf) in cached {
-            let sectors = buf.len() / bs;
-            let fate = self.rng.borrow_mut().random_range(0..4u8);
-            match fate {
-                0 => self.bump(|s| s.lost_writes += 1),
-                1 => {
-                    self.inner.write(offset, &buf).await?;
-                    self.bump(|s| s.kept_writes += 1);
-                }
-                2 if sectors > 1 => {
-                    let keep = self.rng.borrow_mut().random_range(1..sectors);
-                    self.write_prefix(offset, &buf, keep).await?;
-                    self.bump(|s| s.torn_writes += 1);
-                }
-                3 if sectors > 1 => {
-                    let mut part = DmaBuf::with_alignment(bs, bs);
-                    for i in 0..sectors {
-                        if self.rng.borrow_mut().random_bool(0.5) {
-                            part.copy_from_slice(&buf[i * bs..(i + 1) * bs]);
-                            self.inner.write(offset + (i * bs) as u64, &part).await?;
-                        }
-                    }
-                    self.bump(|s| s.torn_writes += 1);
-                }
-                _ => self.bump(|s| s.lost_writes += 1),
-            }
+            self.resolve_at_cut(offset, &buf).await?;
         }
         Ok(())
+    }
+
+    /// Decides the fate of a write that power failed under (unflushed, or still in flight):
+    /// lost, kept whole, or torn (a prefix of its sectors, or any subset).
+    async fn resolve_at_cut(&self, offset: u64, buf: &DmaBuf) -> Result<(), DeviceError> {
+        let bs = self.inner.info().block_size as usize;
+        let sectors = buf.len() / bs;
+        let fate = self.rng.borrow_mut().random_range(0..4u8);
+        match fate {
+            0 => self.bump(|s| s.lost_writes += 1),
+            1 => {
+                self.inner.write(offset, buf).await?;
+                self.bump(|s| s.kept_writes += 1);
+            }
+            2 if sectors > 1 => {
+                let keep = self.rng.borrow_mut().random_range(1..sectors);
+                self.write_prefix(offset, buf, keep).await?;
+                self.bump(|s| s.torn_writes += 1);
+            }
+            3 if sectors > 1 => {
+                let mut part = DmaBuf::with_alignment(bs, bs);
+                for i in 0..sectors {
+                    if self.rng.borrow_mut().random_bool(0.5) {
+                        part.copy_from_slice(&buf[i * bs..(i + 1) * bs]);
+                        self.inner.write(offset + (i * bs) as u64, &part).await?;
+                    }
+                }
+                self.bump(|s| s.torn_writes += 1);
+            }
+            _ => self.bump(|s| s.lost_writes += 1),
+        }
+        Ok(())
+    }
+
+    /// A failed write: counted, and torn (a prefix reaches media) with probability 1/2.
+    async fn fail_write(&self, offset: u64, buf: &DmaBuf) -> Result<(), DeviceError> {
+        self.bump(|s| s.write_errors += 1);
+        let sectors = buf.len() / self.info().block_size as usize;
+        if sectors > 1 && self.chance(0.5) {
+            let keep = self.rng.borrow_mut().random_range(1..sectors);
+            self.write_prefix(offset, buf, keep).await?;
+            self.bump(|s| s.torn_writes += 1);
+        }
+        Err(self.eio(IoOp::Write, offset, buf.len() as u64))
     }
 
     /// Counts the operation, applies latency, and cuts power when the countdown expires.
@@ -224,7 +253,7 @@ impl<D: BlockDevice> FaultyDevice<D> {
 
 impl<D: BlockDevice> BlockDevice for FaultyDevice<D> {
     fn info(&self) -> &DeviceInfo {
-        self.inner.info()
+        &self.info
     }
 
     async fn read(&self, offset: u64, buf: &mut DmaBuf) -> Result<(), DeviceError> {
@@ -258,14 +287,7 @@ impl<D: BlockDevice> BlockDevice for FaultyDevice<D> {
         check_range(self.info(), IoOp::Write, offset, buf.len() as u64)?;
         self.begin(IoOp::Write, offset).await?;
         if self.chance(self.cfg.write_error_rate) {
-            self.bump(|s| s.write_errors += 1);
-            let sectors = buf.len() / self.info().block_size as usize;
-            if sectors > 1 && self.chance(0.5) {
-                let keep = self.rng.borrow_mut().random_range(1..sectors);
-                self.write_prefix(offset, buf, keep).await?;
-                self.bump(|s| s.torn_writes += 1);
-            }
-            return Err(self.eio(IoOp::Write, offset, buf.len() as u64));
+            return self.fail_write(offset, buf).await;
         }
         if self.cfg.volatile_cache {
             let mut copy = DmaBuf::with_alignment(buf.len(), self.info().block_size as usize);
@@ -284,6 +306,35 @@ impl<D: BlockDevice> BlockDevice for FaultyDevice<D> {
             self.inner.write(*offset, buf).await?;
         }
         self.inner.flush().await
+    }
+
+    /// Durable on completion, bypassing the volatile cache. Power failing while it is in flight
+    /// loses, keeps or tears it like an unflushed write.
+    async fn write_fua(&self, offset: u64, buf: &DmaBuf) -> Result<(), DeviceError> {
+        check_range(self.info(), IoOp::Write, offset, buf.len() as u64)?;
+        let was_powered = self.powered.get();
+        if let Err(e) = self.begin(IoOp::Write, offset).await {
+            if was_powered {
+                self.resolve_at_cut(offset, buf).await?;
+            }
+            return Err(e);
+        }
+        if self.chance(self.cfg.write_error_rate) {
+            return self.fail_write(offset, buf).await;
+        }
+        // It supersedes whatever the cache holds for its sectors: patch the cached copies, so
+        // that destaging them later cannot bring older data back.
+        let end = offset + buf.len() as u64;
+        for (woff, wbuf) in self.cache.borrow_mut().iter_mut() {
+            let wend = *woff + wbuf.len() as u64;
+            if *woff < end && wend > offset {
+                let from = offset.max(*woff);
+                let to = end.min(wend);
+                wbuf[(from - *woff) as usize..(to - *woff) as usize]
+                    .copy_from_slice(&buf[(from - offset) as usize..(to - offset) as usize]);
+            }
+        }
+        self.inner.write_fua(offset, buf).await
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
@@ -374,6 +425,55 @@ mod tests {
         assert!(
             seen.lost_writes > 0 && seen.kept_writes > 0 && seen.torn_writes > 0,
             "{seen:?}"
+        );
+    }
+
+    #[test]
+    fn fua_writes_survive_the_cut_and_supersede_cached_ones() {
+        let mut in_flight = FaultStats::default();
+        for seed in 0..50 {
+            block_on(async {
+                let dev = FaultyDevice::new(
+                    MemDevice::new("f", 1 << 20, 512),
+                    FaultConfig {
+                        power_cut_after_ops: Some(4),
+                        ..cfg(seed)
+                    },
+                );
+                let old = DmaBuf::from_slice(&[1u8; 8192]);
+                let new = DmaBuf::from_slice(&[2u8; 4096]);
+                // Cached (unflushed), then half of it overwritten with FUA, then another FUA.
+                dev.write(0, &old).await.unwrap();
+                dev.write_fua(4096, &new).await.unwrap();
+                dev.write_fua(16384, &new).await.unwrap();
+                // The fourth operation cuts power while this FUA write is in flight.
+                let err = dev.write_fua(32768, &new).await.unwrap_err();
+                assert!(matches!(err, DeviceError::Offline { .. }), "{err}");
+                let s = dev.stats();
+                in_flight.lost_writes += s.lost_writes;
+                in_flight.kept_writes += s.kept_writes;
+                in_flight.torn_writes += s.torn_writes;
+                let mem = dev.into_inner();
+                let byte = |at: u64| {
+                    let mut b = [0u8; 1];
+                    mem.peek(at, &mut b);
+                    b[0]
+                };
+                // Acknowledged FUA writes are on media, whatever became of the cached write
+                // under the first one (it never brings the older bytes back).
+                assert!((0..8).all(|i| byte(4096 + i * 512) == 2), "seed {seed}");
+                assert!((0..8).all(|i| byte(16384 + i * 512) == 2), "seed {seed}");
+                assert!(
+                    (0..8).all(|i| [0, 1].contains(&byte(i * 512))),
+                    "seed {seed}"
+                );
+                assert!((0..8).all(|i| [0, 2].contains(&byte(32768 + i * 512))));
+            });
+        }
+        // Across seeds, the in-flight FUA write and the cached one were lost, kept and torn.
+        assert!(
+            in_flight.lost_writes > 0 && in_flight.kept_writes > 0 && in_flight.torn_writes > 0,
+            "{in_flight:?}"
         );
     }
 

@@ -198,6 +198,13 @@ impl<D: BlockDevice> BlockDevice for Monitored<D> {
         ticket.finish(r)
     }
 
+    async fn write_fua(&self, offset: u64, buf: &DmaBuf) -> Result<(), DeviceError> {
+        self.refuse(IoOp::Write, offset)?;
+        let ticket = self.health.start();
+        let r = self.inner.write_fua(offset, buf).await;
+        ticket.finish(r)
+    }
+
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DeviceError> {
         self.refuse(IoOp::WriteZeroes, offset)?;
         let ticket = self.health.start();

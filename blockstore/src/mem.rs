@@ -108,6 +108,8 @@ impl MemDevice {
                     flush: true,
                     write_zeroes: true,
                     unmap: true,
+                    // Every write is durable at once.
+                    fua: true,
                 },
             },
             image: RefCell::new(image),
@@ -156,6 +158,10 @@ impl BlockDevice for MemDevice {
 
     async fn flush(&self) -> Result<(), DeviceError> {
         Ok(())
+    }
+
+    async fn write_fua(&self, offset: u64, buf: &DmaBuf) -> Result<(), DeviceError> {
+        self.write(offset, buf).await
     }
 
     async fn write_zeroes(&self, offset: u64, len: u64) -> Result<(), DeviceError> {

@@ -481,6 +481,15 @@ pub fn write_entry(fd: RawFd, offset: u64, buf: &[u8]) -> squeue::Entry {
         .build()
 }
 
+/// Writes `buf` at `offset` of `fd` with `RWF_DSYNC`: it completes once durable (a FUA write on
+/// a block device opened with `O_DIRECT`).
+pub fn write_dsync_entry(fd: RawFd, offset: u64, buf: &[u8]) -> squeue::Entry {
+    opcode::Write::new(types::Fd(fd), buf.as_ptr(), request_len(buf))
+        .offset(offset)
+        .rw_flags(libc::RWF_DSYNC)
+        .build()
+}
+
 /// `fdatasync(fd)`.
 pub fn fdatasync_entry(fd: RawFd) -> squeue::Entry {
     opcode::Fsync::new(types::Fd(fd))

@@ -4,7 +4,8 @@
 //! A [`BlockStore`] owns one formatted device on one core. Metadata changes (allocate, free,
 //! slice written, slices trimmed) are applied to an in-memory table at once and appended to a
 //! pending list; [`BlockStore::flush`] writes the pending records as one *batch* of journal blocks,
-//! flushes the device, and from then on they survive a power cut. When the journal ring passes
+//! flushes the device, and from then on they survive a power cut. (On a device with cheap FUA
+//! writes, data and journal writes are FUA writes instead, and no flush follows.) When the journal ring passes
 //! half full, the flush also writes a full checkpoint into the older of two checkpoint slots, which
 //! frees the ring up to that point.
 //!
@@ -19,7 +20,8 @@
 //!   number, so stale blocks of an earlier format, session or lap of the ring never replay;
 //! * a slot freed by a record is not reused before that record is durable, so a flushed extent
 //!   group's data is never overwritten while its metadata could still come back;
-//! * a journal batch is written only after the previous batch was flushed, so a bad block
+//! * a journal batch is written only after the previous batch was flushed (or its FUA write
+//!   completed), so a bad block
 //!   followed by a later batch is damage (refused, reported by fsck), while a bad block in the last
 //!   batch is a torn tail (discarded: it was never acknowledged).
 
@@ -934,7 +936,8 @@ impl<D: BlockDevice> BlockStore<D> {
     }
 
     /// Writes whole slices `first..` of extent group `egid` from `buf` (a multiple of the slice
-    /// size), recording each slice's crc32c. Durable after the next [`flush`](Self::flush).
+    /// size), recording each slice's crc32c. Durable after the next [`flush`](Self::flush) (at
+    /// once on a device with cheap FUA writes, but not recorded as written until that flush).
     pub async fn write_slices(
         &self,
         egid: ExtentGroupId,
@@ -944,7 +947,9 @@ impl<D: BlockDevice> BlockStore<D> {
         self.check_failed()?;
         let (slot, count) = self.locate(&self.state.borrow(), egid, first, buf.len())?;
         let offset = self.slice_offset(slot, first);
-        self.dev.write(offset, buf).await?;
+        // Durable at once where that is as cheap as not: then no commit has to flush for it.
+        self.dev_write(offset, buf, self.dev.info().caps.fua)
+            .await?;
         let sbytes = self.layout.slice_bytes as usize;
         let commit_now = {
             let mut st = self.state.borrow_mut();
@@ -978,10 +983,12 @@ impl<D: BlockDevice> BlockStore<D> {
     /// Writes slices of an extent group and makes them durable: `write_slices` then `flush`,
     /// but with the data write and the journal write of the commit in flight together before
     /// the one device flush (neither is durable before that flush, so their order never
-    /// mattered), which saves one device round trip per commit.
+    /// mattered), which saves one device round trip per commit. On a device with cheap FUA
+    /// writes ([`Capabilities::fua`](crate::device::Capabilities::fua)), and no plain write
+    /// awaiting a flush, both are FUA writes and there is no flush: one round trip.
     ///
     /// Only for slices that hold nothing acknowledged, such as an append-only log: a crash
-    /// before the flush completes may leave them recorded as written with data that fails its
+    /// before the commit completes may leave them recorded as written with data that fails its
     /// checksum (read as a typed checksum error, as a torn write is).
     pub async fn write_slices_durable(
         &self,
@@ -1144,23 +1151,32 @@ impl<D: BlockDevice> BlockStore<D> {
             let snapshot = want.then(|| st.table.clone());
             (if fits { records } else { Vec::new() }, upto, snapshot)
         };
+        // Where the device has cheap FUA writes (and the store's data writes use them, so none
+        // awaits a flush), the commit's own writes carry FUA and no flush follows: one device
+        // round trip, not two.
+        let fua = self.dev.info().caps.fua;
         let journal = async {
             if records.is_empty() {
                 Ok(())
             } else {
-                self.write_journal_batch(&records).await
+                self.write_journal_batch(&records, fua).await
             }
         };
         let data = async {
             match data {
-                Some((offset, buf)) => self.dev.write(offset, buf).await.map_err(StoreError::from),
+                Some((offset, buf)) => self
+                    .dev_write(offset, buf, fua)
+                    .await
+                    .map_err(StoreError::from),
                 None => Ok(()),
             }
         };
         let (journaled, written) = futures_lite::future::zip(journal, data).await;
         journaled?;
         written?;
-        self.dev.flush().await?;
+        if !fua {
+            self.dev.flush().await?;
+        }
         if let Some(table) = snapshot {
             self.write_checkpoint(&table).await?;
         }
@@ -1180,7 +1196,16 @@ impl<D: BlockDevice> BlockStore<D> {
         Ok(())
     }
 
-    async fn write_journal_batch(&self, records: &[Record]) -> Result<(), StoreError> {
+    /// A device write, with FUA or without.
+    async fn dev_write(&self, offset: u64, buf: &DmaBuf, fua: bool) -> Result<(), DeviceError> {
+        if fua {
+            self.dev.write_fua(offset, buf).await
+        } else {
+            self.dev.write(offset, buf).await
+        }
+    }
+
+    async fn write_journal_batch(&self, records: &[Record], fua: bool) -> Result<(), StoreError> {
         let mut p = self.pos.get();
         let blocks = records.len().div_ceil(RECORDS_PER_BLOCK);
         let bsz = META_BLOCK_BYTES as usize;
@@ -1205,24 +1230,22 @@ impl<D: BlockDevice> BlockStore<D> {
         let first_pos = p.next_seq % ring;
         let until_end = ((ring - first_pos) as usize).min(blocks);
         if until_end == blocks {
-            self.dev
-                .write(self.layout.journal_block_offset(p.next_seq), &buf)
+            self.dev_write(self.layout.journal_block_offset(p.next_seq), &buf, fua)
                 .await?;
         } else {
             let mut head = DmaBuf::new(until_end * bsz);
             head.copy_from_slice(&buf[..until_end * bsz]);
             let mut tail = DmaBuf::new((blocks - until_end) * bsz);
             tail.copy_from_slice(&buf[until_end * bsz..]);
-            self.dev
-                .write(self.layout.journal_block_offset(p.next_seq), &head)
+            self.dev_write(self.layout.journal_block_offset(p.next_seq), &head, fua)
                 .await?;
-            self.dev
-                .write(
-                    self.layout
-                        .journal_block_offset(p.next_seq + until_end as u64),
-                    &tail,
-                )
-                .await?;
+            self.dev_write(
+                self.layout
+                    .journal_block_offset(p.next_seq + until_end as u64),
+                &tail,
+                fua,
+            )
+            .await?;
         }
         p.next_seq += blocks as u64;
         self.pos.set(p);

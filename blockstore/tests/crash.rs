@@ -293,6 +293,8 @@ fn run_seed(seed: u64) -> Result<(), String> {
         let cfg = FaultConfig {
             seed: rng.random(),
             volatile_cache: true,
+            // Half the rounds make writes durable with FUA writes instead of flushes.
+            fua: rng.random_bool(0.5),
             power_cut_after_ops: Some(rng.random_range(1..1000)),
             ..Default::default()
         };

@@ -136,6 +136,8 @@ impl SpdkDevice {
                         ffi::SPDK_BDEV_IO_TYPE_WRITE_ZEROES,
                     ),
                     unmap: ffi::spdk_bdev_io_type_supported(bdev, ffi::SPDK_BDEV_IO_TYPE_UNMAP),
+                    // The bdev API has no FUA flag: a durable write is a write and a flush.
+                    fua: false,
                 },
             )
         };

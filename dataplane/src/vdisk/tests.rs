@@ -203,6 +203,7 @@ async fn crash_seed(seed: u64) {
             FaultConfig {
                 seed: rng.random(),
                 volatile_cache: true,
+                fua: rng.random_bool(0.5),
                 power_cut_after_ops: Some(rng.random_range(20..400)),
                 ..Default::default()
             },
