@@ -21,6 +21,8 @@
 //! disk_io_timeout_secs = 30   # an I/O in flight this long takes its disk offline
 //! disk_readmit_after_secs = 60 # an offline disk is validated and re-admitted after this
 //! disk_offline_limit = 3      # offline this many times within an hour: it stays offline
+//! scrub_rate = "8MiB"         # per vdisk and second: checksums of every copy verified (0: off)
+//! scrub_interval_secs = 3600  # pause before each scrub pass
 //!
 //! [[device]]
 //! path = "dev0.img"           # relative paths are under the data directory
@@ -215,6 +217,13 @@ pub struct NodeConfig {
     /// Offline events within an hour that keep a disk offline.
     #[serde(default = "default_disk_offline_limit")]
     pub disk_offline_limit: u32,
+    /// Scrub rate per vdisk (bytes per second; 0: no scrub): the owner reads its copy, which
+    /// verifies every slice's checksum, and has every replica compare its copy.
+    #[serde(default = "default_scrub_rate")]
+    pub scrub_rate: Size,
+    /// Pause before each scrub pass (seconds).
+    #[serde(default = "default_scrub_interval")]
+    pub scrub_interval_secs: u64,
     /// Devices.
     #[serde(default, rename = "device")]
     pub devices: Vec<DeviceConfig>,
@@ -264,6 +273,12 @@ fn default_disk_readmit_after() -> u64 {
 }
 fn default_disk_offline_limit() -> u32 {
     blockstore::health::DEFAULT_OFFLINE_LIMIT
+}
+fn default_scrub_rate() -> Size {
+    Size(dataplane::vdisk::DEFAULT_SCRUB_RATE)
+}
+fn default_scrub_interval() -> u64 {
+    dataplane::vdisk::DEFAULT_SCRUB_INTERVAL.as_secs()
 }
 
 impl NodeConfig {
@@ -325,6 +340,8 @@ impl NodeConfig {
             disk_io_timeout_secs: default_disk_io_timeout(),
             disk_readmit_after_secs: default_disk_readmit_after(),
             disk_offline_limit: default_disk_offline_limit(),
+            scrub_rate: default_scrub_rate(),
+            scrub_interval_secs: default_scrub_interval(),
             devices: vec![DeviceConfig {
                 path: PathBuf::from("dev0.img"),
                 size: Some(Size(DEFAULT_DEVICE_BYTES)),
@@ -435,6 +452,9 @@ impl NodeConfig {
         }
         if self.disk_offline_limit == 0 {
             bail!("key `disk_offline_limit`: must be at least 1");
+        }
+        if self.scrub_interval_secs == 0 {
+            bail!("key `scrub_interval_secs`: must be at least 1");
         }
         Ok(())
     }

@@ -797,10 +797,18 @@ impl CoreVdisks {
             .with_context(|| format!("opening vdisk {}", v.name))
     }
 
-    /// Starts the drain of an opened vdisk (on device `device`) and exports it.
+    /// Starts the drain and the scrub of an opened vdisk (on device `device`) and exports it.
     fn serve(&self, id: u64, device: u128, vd: Rc<Disk>) {
         self.served_on.borrow_mut().insert(id, device);
-        let drain = glommio::spawn_local(vd.clone().drain_loop());
+        let cfg = &self.setup.cfg;
+        let scrub = vd.clone().scrub_loop(
+            cfg.scrub_rate.0,
+            Duration::from_secs(cfg.scrub_interval_secs),
+        );
+        let drain = vd.clone().drain_loop();
+        let drain = glommio::spawn_local(async move {
+            futures_lite::future::zip(drain, scrub).await;
+        });
         self.drains.borrow_mut().insert(id, drain);
         if self.stopping.get() {
             vd.stop();

@@ -116,9 +116,14 @@ impl Drop for DataNode {
 /// Nodes 1..=ips.len(), node i on address ips[i - 1]; vd0 (256 MiB) is created by node 1 in
 /// the default container (RF2).
 fn cluster(dir: &Path, ips: &[&str]) -> Vec<DataNode> {
-    let vd0 = "[[vdisk]]\nname = \"vd0\"\nsize = \"256MiB\"\n";
-    cluster_with(dir, ips, "", vd0)
+    cluster_with(dir, ips, "", VD0)
 }
+
+/// The vdisk the founders create.
+const VD0: &str = "[[vdisk]]\nname = \"vd0\"\nsize = \"256MiB\"\n";
+
+/// Scrub passes one second apart, fast enough to cover vd0's data in about a second.
+const FAST_SCRUB: &str = "scrub_rate = \"64MiB\"\nscrub_interval_secs = 1\n";
 
 /// The nodes of [`cluster`], with `keys` among the top-level keys of each node's configuration
 /// and `tables` at its end.
@@ -356,7 +361,7 @@ fn owner_and_replicas(nodes: &[DataNode], addr: &str) -> (usize, Vec<u64>) {
 /// in the owner's device file (the extent store's, and the oplog's if still there), and reads
 /// it back through the owner.
 fn bit_rot_is_repaired_from_the_replica(owner: &DataNode) {
-    use std::io::{Read, Seek, SeekFrom, Write};
+    use std::io::{Seek, SeekFrom, Write};
     let tag = 0xB17_u64;
     let offset = 8192 * 4096; // beyond the writers' 4 x 4 MiB
     let mut c = Client::connect_to(&owner.nbd, "vd0").unwrap();
@@ -365,26 +370,8 @@ fn bit_rot_is_repaired_from_the_replica(owner: &DataNode) {
     std::thread::sleep(Duration::from_secs(3)); // drained into the extent store
     let want = block(tag);
     let path = owner.dir.join("data").join("dev0.img");
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .unwrap();
-    let mut chunk = vec![0u8; 1 << 20];
-    let mut at = 0u64;
-    let mut flipped = Vec::new();
-    loop {
-        let n = f.read(&mut chunk).unwrap();
-        if n == 0 {
-            break;
-        }
-        for (i, page) in chunk[..n].chunks(4096).enumerate() {
-            if page == &want[..page.len()] && page.len() == 4096 {
-                flipped.push(at + i as u64 * 4096 + 100);
-            }
-        }
-        at += n as u64;
-    }
+    let flipped = copies_in(&path, &want);
+    let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     assert!(
         !flipped.is_empty(),
         "the block is not in {}",
@@ -411,6 +398,91 @@ fn bit_rot_is_repaired_from_the_replica(owner: &DataNode) {
          from the replica",
         flipped.len(),
         owner.id
+    );
+}
+
+/// Where 4 KiB block `want` lies in `path` (every copy, each as the offset of its byte 100).
+fn copies_in(path: &Path, want: &[u8]) -> Vec<u64> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).unwrap();
+    let mut chunk = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    let mut found = Vec::new();
+    loop {
+        let n = f.read(&mut chunk).unwrap();
+        if n == 0 {
+            break;
+        }
+        for (i, page) in chunk[..n].chunks(4096).enumerate() {
+            if page == want {
+                found.push(at + i as u64 * 4096 + 100);
+            }
+        }
+        at += n as u64;
+    }
+    found
+}
+
+/// Writes a block through the owner, lets it drain, flips a byte of every copy of it on a
+/// replica's device, where no host read looks, and waits for the owner's scrub to find the
+/// damage by comparing checksums and rewrite the replica's copy from its own.
+fn bit_rot_on_a_replica_is_found_by_the_scrub(nodes: &[DataNode], owner: usize) {
+    use std::io::{Seek, SeekFrom, Write};
+    let tag = 0x5C2B_u64;
+    let offset = 8200 * 4096; // beyond the writers' 4 x 4 MiB and the other bit-rot block
+    let mut c = Client::connect_to(&nodes[owner].nbd, "vd0").unwrap();
+    c.request(CMD_WRITE, offset, 4096, Some(&block(tag)))
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3)); // drained into the extent store
+    let want = block(tag);
+    let (_, replicas) = owner_and_replicas(nodes, &nodes[owner].nbd);
+    let replica = nodes.iter().position(|n| n.id == replicas[0]).unwrap();
+    let path = nodes[replica].dir.join("data").join("dev0.img");
+    let flipped = copies_in(&path, &want);
+    assert!(
+        !flipped.is_empty(),
+        "the block is not in {}",
+        path.display()
+    );
+    let rewrites = nodes[owner]
+        .log()
+        .matches("rewritten there from this copy")
+        .count();
+    let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    for &p in &flipped {
+        f.seek(SeekFrom::Start(p)).unwrap();
+        f.write_all(&[want[100] ^ 0x55]).unwrap();
+    }
+    f.sync_all().unwrap();
+    assert!(copies_in(&path, &want).is_empty());
+    let flipped_at = Instant::now();
+    let deadline = flipped_at + Duration::from_secs(30);
+    while nodes[owner]
+        .log()
+        .matches("rewritten there from this copy")
+        .count()
+        <= rewrites
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the scrub did not repair the replica:\n{}",
+            nodes[owner].log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let found = flipped_at.elapsed();
+    let restored = copies_in(&path, &want);
+    assert!(
+        !restored.is_empty(),
+        "the scrub reported a rewrite, but node {}'s copy is still damaged",
+        nodes[replica].id
+    );
+    println!(
+        "scrub: {} copies of a block flipped on replica node {}'s device; the owner's scrub \
+         rewrote it there {:.1} s later",
+        flipped.len(),
+        nodes[replica].id,
+        found.as_secs_f64()
     );
 }
 
@@ -610,10 +682,11 @@ fn fio_job(addr: &str, verify_only: bool) -> std::process::Output {
 fn rf2_survives_the_loss_of_the_owner_and_of_a_replica() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let mut nodes = cluster(dir.path(), &["127.0.0.1"; 3]);
+    let mut nodes = cluster_with(dir.path(), &["127.0.0.1"; 3], FAST_SCRUB, VD0);
     let owner = start_cluster(&mut nodes);
     let addrs: Vec<String> = nodes.iter().map(|n| n.nbd.clone()).collect();
     bit_rot_is_repaired_from_the_replica(&nodes[owner]);
+    bit_rot_on_a_replica_is_found_by_the_scrub(&nodes, owner);
     an_initiator_at_another_node_is_redirected(&nodes, owner);
     // fio writes 32 MiB with verify headers through the owner before the first kill, and
     // verifies every block through the new owner after it.

@@ -27,8 +27,10 @@
 //!   FREE                 egid u64                             -
 //!   READ                 egid u64, first u32, blocks u32      -
 //!   OPLOG_READ           offset u32, blocks u32               batch sequence
-//! reply: OK (payload: the data of a READ; of a PING, the host's [`HostLoad`]), STALE, FAILED
-//! or BAD_REQUEST (payload: why)
+//!   VERIFY               egid u64, first u32, crc32c u32 each -
+//! reply: OK (payload: the data of a READ; of a PING, the host's [`HostLoad`]; of a VERIFY, the
+//! slices, u32 each, whose copy here does not match the owner's checksum or fails its own),
+//! STALE, FAILED or BAD_REQUEST (payload: why)
 //! ```
 //!
 //! Owners choose replica nodes with [`rank_replicas`]: current replicas keep their place, then
@@ -73,6 +75,8 @@ pub mod op {
     pub const READ: u16 = 0x0109;
     /// Read data slices of an oplog batch, by sequence and offset (the same repair).
     pub const OPLOG_READ: u16 = 0x010A;
+    /// Compare slices of an extent group with the owner's checksums (the scrub).
+    pub const VERIFY: u16 = 0x010B;
 }
 
 /// Reply codes.
@@ -152,6 +156,17 @@ pub enum ReplicaOp {
         /// Slices.
         blocks: u32,
     },
+    /// Slices `first..` compared with the owner's copy, given as one crc32c per slice (not a
+    /// change: every replica answers with the slices whose copy differs or fails its own
+    /// checksum, and the owner rewrites those).
+    Verify {
+        /// Extent group.
+        egid: ExtentGroupId,
+        /// First slice.
+        first: u32,
+        /// The owner's crc32c of each slice, at most [`MAX_READ_SLICES`].
+        crcs: Vec<u32>,
+    },
 }
 
 /// Most slices one READ asks for (1 MiB).
@@ -222,6 +237,13 @@ impl ReplicaOp {
                 m.op = op::READ;
                 m.payload = egid_first(*egid, *first);
                 m.payload.extend_from_slice(&blocks.to_le_bytes());
+            }
+            Self::Verify { egid, first, crcs } => {
+                m.op = op::VERIFY;
+                m.payload = egid_first(*egid, *first);
+                for crc in crcs {
+                    m.payload.extend_from_slice(&crc.to_le_bytes());
+                }
             }
         }
         m
@@ -326,6 +348,23 @@ impl ReplicaOp {
                     blocks,
                 }
             }
+            op::VERIFY => {
+                let crcs = p.get(12..).ok_or("payload too short")?;
+                if crcs.is_empty()
+                    || !crcs.len().is_multiple_of(4)
+                    || crcs.len() / 4 > MAX_READ_SLICES as usize
+                {
+                    return Err("verify of 0 or more than 256 slices, or a partial checksum");
+                }
+                Self::Verify {
+                    egid: egid(u64_at(0)?)?,
+                    first: u32_at(8)?,
+                    crcs: crcs
+                        .chunks_exact(4)
+                        .map(|c| u32::from_le_bytes(c.try_into().unwrap_or_default()))
+                        .collect(),
+                }
+            }
             _ => return Err("unknown request code"),
         })
     }
@@ -419,7 +458,8 @@ impl Ownership {
 }
 
 /// How the owner sends a change to its replicas, or reads from one (the replication layer; see
-/// [`ReplicaSet`]). Resolves to the data of a READ, empty for a change.
+/// [`ReplicaSet`]). Resolves to the data of a READ, the answers of every replica to a VERIFY
+/// one after the other, empty for a change.
 pub type Mirror = Rc<dyn Fn(ReplicaOp) -> Pin<Box<dyn Future<Output = Result<Vec<u8>, String>>>>>;
 
 /// How long a replica that cannot be reached is retried before the change fails (a restart of
@@ -542,8 +582,9 @@ impl<T: Transport + 'static> ReplicaSet<T> {
         }
     }
 
-    /// Sends `change` to every replica at once; succeeds when all have it. A READ goes to one
-    /// replica after the other until one answers, and returns its data.
+    /// Sends `change` to every replica at once; succeeds when all have it, and returns their
+    /// answers one after the other (a VERIFY's lists of slices; a change has none). A READ goes
+    /// to one replica after the other until one answers, and returns its data.
     pub async fn send(&self, change: &ReplicaOp) -> Result<Vec<u8>, ReplicaError> {
         // Encoded once for every replica (a batch or a 1 MiB run is copied into it once).
         let request = change.to_message(self.vdisk, self.epoch);
@@ -570,10 +611,11 @@ impl<T: Transport + 'static> ReplicaSet<T> {
             }));
         }
         let sends = self.peers.iter().map(|&p| self.send_to(p, &request));
+        let mut answers = Vec::new();
         for r in futures_util::future::join_all(sends).await {
-            r?;
+            answers.extend(r?);
         }
-        Ok(Vec::new())
+        Ok(answers)
     }
 
     /// The set as a [`Mirror`] for [`crate::vdisk::Vdisk::set_mirror`].
@@ -616,6 +658,8 @@ pub struct ReplicaHost<D: BlockDevice, M: MetadataStore> {
     finished: event_listener::Event,
     /// Serializes the (rare) refreshes of ownership records and oplog opens.
     lock: async_lock::Mutex<()>,
+    /// See [`ReplicaHost::scrub_mismatches`].
+    scrub_mismatches: Cell<u64>,
 }
 
 impl<D: BlockDevice + 'static, M: MetadataStore + 'static> ReplicaHost<D, M> {
@@ -631,6 +675,7 @@ impl<D: BlockDevice + 'static, M: MetadataStore + 'static> ReplicaHost<D, M> {
             in_flight: RefCell::new(HashMap::new()),
             finished: event_listener::Event::new(),
             lock: async_lock::Mutex::new(()),
+            scrub_mismatches: Cell::new(0),
         }
     }
 
@@ -917,8 +962,22 @@ impl<D: BlockDevice + 'static, M: MetadataStore + 'static> ReplicaHost<D, M> {
                     .map_err(store_err)?;
                 return Ok(buf.to_vec());
             }
+            ReplicaOp::Verify { egid, first, crcs } => {
+                let bad = differing_slices(&self.store(), egid, first, &crcs)
+                    .await
+                    .map_err(store_err)?;
+                self.scrub_mismatches
+                    .set(self.scrub_mismatches.get() + bad.len() as u64);
+                return Ok(bad.iter().flat_map(|s| s.to_le_bytes()).collect());
+            }
         }
         Ok(Vec::new())
+    }
+
+    /// Slices of this host's copies that a VERIFY found different from their owner's (or failing
+    /// their own checksum); the owner rewrites each.
+    pub fn scrub_mismatches(&self) -> u64 {
+        self.scrub_mismatches.get()
     }
 }
 
@@ -981,6 +1040,41 @@ impl<D: BlockDevice + 'static, M: MetadataStore + 'static> Handler for ReplicaHo
             Err(why) => answer(reply::FAILED, why),
         }
     }
+}
+
+/// Slices `first..first + crcs.len()` of `egid` on `store` whose data fails its own checksum or
+/// has a crc32c other than `crcs` gives.
+async fn differing_slices<D: BlockDevice>(
+    store: &BlockStore<D>,
+    egid: ExtentGroupId,
+    first: u32,
+    crcs: &[u32],
+) -> Result<Vec<u32>, StoreError> {
+    let mut buf = DmaBuf::new(crcs.len() * BLOCK_BYTES);
+    let mut bad = Vec::new();
+    match store.read_slices(egid, first, &mut buf).await {
+        Ok(()) => {
+            for (i, (data, &crc)) in buf.chunks(BLOCK_BYTES).zip(crcs).enumerate() {
+                if crc32c::crc32c(data) != crc {
+                    bad.push(first + i as u32);
+                }
+            }
+        }
+        Err(StoreError::ChecksumMismatch { .. }) => {
+            // Which ones: slice by slice (rare).
+            let mut one = DmaBuf::new(BLOCK_BYTES);
+            for (i, &crc) in crcs.iter().enumerate() {
+                let slice = first + i as u32;
+                match store.read_slices(egid, slice, &mut one).await {
+                    Ok(()) if crc32c::crc32c(&one) == crc => {}
+                    Ok(()) | Err(StoreError::ChecksumMismatch { .. }) => bad.push(slice),
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Err(e) => return Err(e),
+    }
+    Ok(bad)
 }
 
 /// Frees every extent group of `vdisk` on `store` (oplog and extent store), durably. Returns
@@ -1215,6 +1309,11 @@ mod tests {
                 offset: 3,
                 blocks: 2,
             },
+            ReplicaOp::Verify {
+                egid,
+                first: 256,
+                crcs: vec![1, 2, 0xFFFF_FFFF],
+            },
         ];
         for o in ops {
             let m = o.to_message(vd, 4);
@@ -1245,6 +1344,21 @@ mod tests {
         .to_message(vd, 1);
         odd.payload.push(1);
         assert!(ReplicaOp::from_message(&odd).is_err());
+        // A verify with a partial checksum, with none, or with more than 256.
+        let verify = |n: usize| {
+            ReplicaOp::Verify {
+                egid,
+                first: 0,
+                crcs: vec![9; n],
+            }
+            .to_message(vd, 1)
+        };
+        let mut partial = verify(2);
+        partial.payload.pop();
+        assert!(ReplicaOp::from_message(&partial).is_err());
+        assert!(ReplicaOp::from_message(&verify(0)).is_err());
+        assert!(ReplicaOp::from_message(&verify(257)).is_err());
+        assert!(ReplicaOp::from_message(&verify(256)).is_ok());
         let unknown = Message {
             op: 0x0199,
             vdisk: vd,

@@ -139,6 +139,23 @@ pub struct ExtentStore<D: BlockDevice, M: MetadataStore> {
     mirror: RefCell<Option<Mirror>>,
     /// Slices repaired from a replica.
     repaired: Cell<u64>,
+    /// Changes (local and mirrored) hold it shared; a repair holds it alone, so the copy it
+    /// reads and the copy it writes cannot be overtaken by a write in between.
+    repair_lock: async_lock::RwLock<()>,
+    /// Slices the scrub found different on a replica and rewrote there.
+    replica_rewritten: Cell<u64>,
+}
+
+/// What one scrub step found.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Scrubbed {
+    /// Slices checked (here, and on every replica).
+    pub slices: u64,
+    /// Slices that failed their checksum here and were repaired from a replica.
+    pub repaired_here: u64,
+    /// Slices that differed on a replica (or failed its checksum there) and were rewritten on
+    /// the replicas from this copy.
+    pub rewritten_on_replicas: u64,
 }
 
 impl<D: BlockDevice, M: MetadataStore> ExtentStore<D, M> {
@@ -221,6 +238,8 @@ impl<D: BlockDevice, M: MetadataStore> ExtentStore<D, M> {
             map_lock: async_lock::Mutex::new(()),
             mirror: RefCell::new(None),
             repaired: Cell::new(0),
+            repair_lock: async_lock::RwLock::new(()),
+            replica_rewritten: Cell::new(0),
         })
     }
 
@@ -237,6 +256,7 @@ impl<D: BlockDevice, M: MetadataStore> ExtentStore<D, M> {
         change: impl FnOnce() -> ReplicaOp,
     ) -> Result<(), ExtentError> {
         let vdisk = self.vdisk;
+        let _shared = self.repair_lock.read().await;
         let mirror = self.mirror.borrow().clone();
         let (local, remote) = match mirror {
             None => (local.await, Ok(Vec::new())),
@@ -441,6 +461,9 @@ impl<D: BlockDevice, M: MetadataStore> ExtentStore<D, M> {
             return Err(ExtentError::Store { vdisk, source: bad });
         };
         let blocks = (buf.len() / BLOCK_BYTES) as u32;
+        // Alone: a write landing between the replica's read and the rewrite here would be
+        // undone by it.
+        let _alone = self.repair_lock.write().await;
         let good = match mirror(ReplicaOp::Read {
             egid,
             first,
@@ -482,6 +505,113 @@ impl<D: BlockDevice, M: MetadataStore> ExtentStore<D, M> {
     /// The block store holding the extents.
     pub fn store(&self) -> &Rc<BlockStore<D>> {
         &self.store
+    }
+
+    /// The vdisk's extent groups, with the slices each holds: what a scrub pass walks.
+    pub fn egroups(&self) -> Vec<(ExtentGroupId, u32)> {
+        let layout = self.store.layout();
+        let slices = layout.egroup_bytes / layout.slice_bytes;
+        self.store
+            .egroups()
+            .iter()
+            .filter(|e| is_mine(self.vdisk, e.egid))
+            .map(|e| (e.egid, slices))
+            .collect()
+    }
+
+    /// Scrubs slices `first..first + blocks` (at most 1 MiB) of extent group `egid`: reads them
+    /// here, which verifies their checksums and repairs a bad one from a replica, then has every
+    /// replica compare its copy with this one's checksums (VERIFY) and rewrites on the replicas,
+    /// from this copy, each slice one of them found different or damaged. An extent group freed
+    /// meanwhile is skipped.
+    pub async fn scrub(
+        &self,
+        egid: ExtentGroupId,
+        first: u32,
+        blocks: u32,
+    ) -> Result<Scrubbed, ExtentError> {
+        let vdisk = self.vdisk;
+        let store_err = |source| ExtentError::Store { vdisk, source };
+        let remote = |reason| ExtentError::Replication { vdisk, reason };
+        let mut buf = DmaBuf::new(blocks as usize * BLOCK_BYTES);
+        let repaired_before = self.repaired.get();
+        match self.store.read_slices(egid, first, &mut buf).await {
+            Ok(()) => {}
+            Err(StoreError::NoSuchEgroup { .. }) => return Ok(Scrubbed::default()),
+            Err(StoreError::ChecksumMismatch { .. }) => {
+                // Which ones: slice by slice (rare), each bad one repaired from a replica.
+                let mut one = DmaBuf::new(BLOCK_BYTES);
+                for (i, into) in buf.chunks_mut(BLOCK_BYTES).enumerate() {
+                    let slice = first + i as u32;
+                    match self.store.read_slices(egid, slice, &mut one).await {
+                        Ok(()) => {}
+                        Err(bad @ StoreError::ChecksumMismatch { .. }) => {
+                            self.repair(egid, slice, &mut one, bad).await?;
+                        }
+                        Err(StoreError::NoSuchEgroup { .. }) => return Ok(Scrubbed::default()),
+                        Err(e) => return Err(store_err(e)),
+                    }
+                    into.copy_from_slice(&one);
+                }
+            }
+            Err(e) => return Err(store_err(e)),
+        }
+        let mut found = Scrubbed {
+            slices: u64::from(blocks),
+            repaired_here: self.repaired.get() - repaired_before,
+            rewritten_on_replicas: 0,
+        };
+        let Some(mirror) = self.mirror.borrow().clone() else {
+            return Ok(found);
+        };
+        let crcs = buf.chunks(BLOCK_BYTES).map(crc32c::crc32c).collect();
+        let answers = mirror(ReplicaOp::Verify { egid, first, crcs })
+            .await
+            .map_err(remote)?;
+        let mut bad: Vec<u32> = answers
+            .chunks_exact(4)
+            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+            .filter(|s| (first..first + blocks).contains(s))
+            .collect();
+        if bad.is_empty() {
+            return Ok(found);
+        }
+        bad.sort_unstable();
+        bad.dedup();
+        // Alone, and from what this copy holds now: a write that raced the comparison has
+        // finished on every copy, and nothing writes until the replicas have this copy's
+        // bytes. A replica whose copy was good gets the same bytes again.
+        let _alone = self.repair_lock.write().await;
+        let mut one = DmaBuf::new(BLOCK_BYTES);
+        for &slice in &bad {
+            match self.store.read_slices(egid, slice, &mut one).await {
+                Ok(()) => {}
+                Err(StoreError::NoSuchEgroup { .. }) => return Ok(found),
+                Err(e) => return Err(store_err(e)),
+            }
+            mirror(ReplicaOp::Write {
+                egid,
+                first: slice,
+                data: Rc::from(&one[..]),
+            })
+            .await
+            .map_err(remote)?;
+        }
+        mirror(ReplicaOp::Flush).await.map_err(remote)?;
+        found.rewritten_on_replicas = bad.len() as u64;
+        self.replica_rewritten
+            .set(self.replica_rewritten.get() + bad.len() as u64);
+        eprintln!(
+            "cairn: vdisk {vdisk}: scrub: {} slice(s) of extent group {egid:#x} differed on a \
+             replica and were rewritten there from this copy",
+            bad.len()
+        );
+        Ok(found)
+    }
+
+    /// Slices the scrub found different on a replica and rewrote there.
+    pub fn replica_rewritten_slices(&self) -> u64 {
+        self.replica_rewritten.get()
     }
 
     /// Slices repaired from a replica after failing their checksum here.

@@ -565,15 +565,19 @@ fn a_replica_host_holds_everything_acknowledged_and_fences_the_old_owner() {
         primary.drain_all().await.unwrap();
         let loc = primary.extents.lookup(0).unwrap();
         let store_a = primary.extents.store().clone();
-        let at = store_a
-            .egroups()
-            .iter()
-            .find(|e| e.egid == loc.egid)
-            .unwrap()
-            .offset
-            + u64::from(loc.slot) * EXTENT_BLOCKS * 4096
-            + 4096
-            + 17;
+        // Device offset of byte `at` of vdisk block `vb`, stored in extent `loc`.
+        let extent_byte = |store: &BlockStore<_>, loc: extents::ExtentLoc, vb: u64, at: u64| {
+            store
+                .egroups()
+                .iter()
+                .find(|e| e.egid == loc.egid)
+                .unwrap()
+                .offset
+                + u64::from(loc.slot) * EXTENT_BLOCKS * 4096
+                + vb % EXTENT_BLOCKS * 4096
+                + at
+        };
+        let at = extent_byte(&store_a, loc, 1, 17);
         let mut byte = [0u8; 1];
         dev_a.peek(at, &mut byte);
         dev_a.poke(at, &[byte[0] ^ 0x40]);
@@ -594,6 +598,48 @@ fn a_replica_host_holds_everything_acknowledged_and_fences_the_old_owner() {
             2,
             "the local copy is good again"
         );
+        // Bit rot that no host read meets: in the replica's copy of block 1 and in the owner's
+        // copy of another drained block. A scrub pass finds both: the owner's from its own
+        // checksum (repaired from the replica), the replica's by comparing checksums (rewritten
+        // there from the owner's copy).
+        let far = DISK / 4096 - EXTENT_BLOCKS;
+        let data = fill(&mut ChaCha8Rng::seed_from_u64(8), 4096);
+        primary.write(far * 4096, &data, false).await.unwrap();
+        model[(far * 4096) as usize..(far * 4096) as usize + 4096].copy_from_slice(&data);
+        primary.drain_all().await.unwrap();
+        let far_at = extent_byte(
+            &store_a,
+            primary.extents.lookup(far / EXTENT_BLOCKS).unwrap(),
+            far,
+            333,
+        );
+        dev_a.peek(far_at, &mut byte);
+        dev_a.poke(far_at, &[byte[0] ^ 0x01]);
+        let replica_at = extent_byte(&store_b, loc, 1, 333);
+        dev_b.peek(replica_at, &mut byte);
+        dev_b.poke(replica_at, &[byte[0] ^ 0x80]);
+        let found = primary.scrub_pass(|| async { true }).await.unwrap();
+        assert_eq!(
+            (found.repaired_here, found.rewritten_on_replicas),
+            (1, 1),
+            "{found:?}"
+        );
+        assert!(found.slices >= 2 * EXTENT_BLOCKS, "{found:?}");
+        assert_eq!(host.scrub_mismatches(), 1);
+        let mut slice = blockstore::DmaBuf::new(4096);
+        store_b
+            .read_slices(
+                loc.egid,
+                u32::from(loc.slot) * EXTENT_BLOCKS as u32 + 1,
+                &mut slice,
+            )
+            .await
+            .expect("the replica's copy is whole again");
+        assert!(slice[..] == model[4096..8192]);
+        // A second pass finds nothing.
+        let again = primary.scrub_pass(|| async { true }).await.unwrap();
+        assert_eq!((again.repaired_here, again.rewritten_on_replicas), (0, 0));
+        assert_eq!(host.scrub_mismatches(), 1);
         step(&primary, &mut model, 140).await;
         assert!(primary.oplog().undrained_batches() > 0);
         // Bit rot in the owner's oplog (undrained data): the same, from the replica's oplog.
