@@ -340,6 +340,9 @@ const STARTUP_SETTLE: Duration = Duration::from_secs(30);
 const FAILOVER_AFTER: Duration = Duration::from_secs(3);
 /// How long a ping waits for its answer.
 const PING_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long a starting node waits for a vdisk's recorded replica to answer before it chooses
+/// another (which would need the whole copy sent).
+const RECORDED_REPLICA_GRACE: Duration = Duration::from_secs(10);
 /// How often a core reports its devices' usage.
 const DEVICE_REPORT_INTERVAL: Duration = Duration::from_secs(10);
 /// How long a starting node waits for its ports to be released by a node that just died.
@@ -701,8 +704,11 @@ struct CoreVdisks {
     portals: RefCell<HashMap<u64, (Frontends, std::time::Instant)>>,
     /// Whether this node's own portal is published (core 0 publishes it).
     published: Cell<bool>,
-    /// Drain loops of the open vdisks.
+    /// Drain and scrub loops of the open vdisks.
     drains: RefCell<HashMap<u64, glommio::Task<()>>>,
+    /// When this core started (a replica recorded for a vdisk is waited for while the node is
+    /// starting: the whole cluster may be starting).
+    started: std::time::Instant,
     /// Problems already reported (vdisk id -> message), so a retry does not flood the log.
     reported: RefCell<HashMap<u64, String>>,
     stopping: Cell<bool>,
@@ -817,7 +823,8 @@ impl CoreVdisks {
     }
 
     /// Opens a replicated vdisk this node owns (`rec`, at `version`): chooses its replicas,
-    /// raises the epoch with no replica recorded, makes each replica a full copy, then records
+    /// raises the epoch with no replica recorded, makes each replica a whole copy (compared
+    /// where the replica kept one: [`Vdisk::set_mirror`]), then records
     /// them. The record names only complete copies, so a takeover never starts from a partial
     /// one.
     async fn open_replicated(
@@ -849,7 +856,7 @@ impl CoreVdisks {
         let vd = self.open_vdisk(v, store).await?;
         let set = ReplicaSet::new(self.transport.clone(), id, own.epoch, peers.clone());
         let copied = vd.set_mirror(set.mirror()).await;
-        let (bytes, batches) = match copied {
+        let (copied, batches) = match copied {
             Ok(c) => c,
             Err(e) => {
                 vd.stop();
@@ -866,11 +873,12 @@ impl CoreVdisks {
             .await
             .with_context(|| format!("vdisk {}: recording its replicas", v.name))?;
         println!(
-            "cairn node: vdisk {} replicated to nodes {peers:?} at epoch {} ({} and {batches} \
-             oplog batches copied)",
+            "cairn node: vdisk {} replicated to nodes {peers:?} at epoch {} ({} sent, {} already \
+             in place, and {batches} oplog batches copied)",
             v.name,
             own.epoch,
-            human(bytes)
+            human(copied.sent * 4096),
+            human(copied.in_place * 4096)
         );
         self.mirrors.borrow_mut().insert(id, set);
         // Where its data is, for a purge when it is deleted.
@@ -906,20 +914,39 @@ impl CoreVdisks {
             .map(|n| n.record.node_id)
             .collect();
         // Ping them all at once: the live ones, with their round-trip times, load and room.
-        let pings = candidates.iter().map(|&node| async move {
-            let start = std::time::Instant::now();
-            let load = self.ping_load(node).await?;
-            Some(ReplicaCandidate {
-                node,
-                rtt: start.elapsed(),
-                load,
-            })
-        });
-        let live: Vec<ReplicaCandidate> = futures_util::future::join_all(pings)
-            .await
-            .into_iter()
-            .flatten()
-            .collect();
+        // While this node is starting, a recorded replica that does not answer yet may be
+        // starting with it (the whole cluster restarts): it is waited for a little, since it
+        // keeps its copy, which is then compared rather than sent again.
+        let deadline = std::time::Instant::now()
+            + if self.started.elapsed() < STARTUP_SETTLE {
+                RECORDED_REPLICA_GRACE
+            } else {
+                Duration::ZERO
+            };
+        let live = loop {
+            let pings = candidates.iter().map(|&node| async move {
+                let start = std::time::Instant::now();
+                let load = self.ping_load(node).await?;
+                Some(ReplicaCandidate {
+                    node,
+                    rtt: start.elapsed(),
+                    load,
+                })
+            });
+            let live: Vec<ReplicaCandidate> = futures_util::future::join_all(pings)
+                .await
+                .into_iter()
+                .flatten()
+                .collect();
+            let awaited = rec
+                .replicas
+                .iter()
+                .any(|r| candidates.contains(r) && !live.iter().any(|c| c.node == *r));
+            if !awaited || std::time::Instant::now() >= deadline {
+                break live;
+            }
+            glommio::timer::sleep(PING_TIMEOUT).await;
+        };
         let need = self
             .online_store(rec.device_uuid)
             .map_or(0, |store| vdisk_bytes(&store, vdisk));
@@ -1717,6 +1744,7 @@ async fn run_core(
         portals: RefCell::default(),
         published: Cell::new(false),
         drains: RefCell::default(),
+        started: std::time::Instant::now(),
         reported: RefCell::default(),
         stopping: Cell::new(false),
     });

@@ -1296,6 +1296,19 @@ impl<D: BlockDevice> BlockStore<D> {
         Ok(())
     }
 
+    /// The recorded crc32c of each slice of extent group `egid` (`None`: never written, reads
+    /// as zeros), from metadata alone; `None` if there is no such extent group.
+    pub fn slice_crcs(&self, egid: ExtentGroupId) -> Option<Vec<Option<u32>>> {
+        let st = self.state.borrow();
+        let &slot = st.table.by_egid.get(&egid)?;
+        let m = st.table.slots[slot as usize].as_ref()?;
+        Some(
+            (0..m.crcs.len() as u32)
+                .map(|i| m.is_written(i).then(|| m.crcs[i as usize]))
+                .collect(),
+        )
+    }
+
     /// Whether extent group `egid` exists.
     pub fn contains(&self, egid: ExtentGroupId) -> bool {
         self.state.borrow().table.by_egid.contains_key(&egid)

@@ -17,7 +17,7 @@
 //! ```text
 //! request (Message.op)   payload (little-endian)              Message.sequence
 //!   PING                 -                                    -
-//!   RESET                -                                    -
+//!   RESET                egid u64 of each extent group to keep -
 //!   OPLOG_BATCH          the batch: header slice, data slices batch sequence
 //!   OPLOG_DRAINED        -                                    drained up to
 //!   ALLOCATE             egid u64                             -
@@ -28,8 +28,9 @@
 //!   READ                 egid u64, first u32, blocks u32      -
 //!   OPLOG_READ           offset u32, blocks u32               batch sequence
 //!   VERIFY               egid u64, first u32, crc32c u32 each -
-//! reply: OK (payload: the data of a READ; of a PING, the host's [`HostLoad`]; of a VERIFY, the
-//! slices, u32 each, whose copy here does not match the owner's checksum or fails its own),
+//! reply: OK (payload: the data of a READ; of a PING, the host's [`HostLoad`]; of a RESET, the
+//! kept extent groups it holds, u64 each; of a VERIFY, the slices, u32 each, whose copy here
+//! does not match the owner's checksum or fails its own),
 //! STALE, FAILED or BAD_REQUEST (payload: why)
 //! ```
 //!
@@ -55,7 +56,8 @@ use crate::vdisk::oplog::{BLOCK_BYTES, OPLOG_EGID_BIT, Oplog, vdisk_of_egroup};
 pub mod op {
     /// Is the node up (answers OK without looking at the vdisk).
     pub const PING: u16 = 0x0100;
-    /// Drop this replica's copy of the vdisk (a full copy follows).
+    /// Start a stream: drop this replica's copy of the vdisk but the listed extent groups (the
+    /// owner's: the copy that follows compares those and sends what differs).
     pub const RESET: u16 = 0x0101;
     /// Store an oplog batch.
     pub const OPLOG_BATCH: u16 = 0x0102;
@@ -94,8 +96,12 @@ pub mod reply {
 /// One change of a vdisk's device state, as it goes to the replicas.
 #[derive(Debug, Clone)]
 pub enum ReplicaOp {
-    /// Drop the replica's copy.
-    Reset,
+    /// Drop the replica's copy (its oplog, and every extent group not in `keep`) and start a
+    /// stream. The answer lists the extent groups of `keep` the replica holds.
+    Reset {
+        /// The owner's extent groups.
+        keep: Vec<ExtentGroupId>,
+    },
     /// An oplog batch (header and data slices).
     OplogBatch {
         /// Its sequence number.
@@ -186,7 +192,10 @@ impl ReplicaOp {
             p
         };
         match self {
-            Self::Reset => m.op = op::RESET,
+            Self::Reset { keep } => {
+                m.op = op::RESET;
+                m.payload = keep.iter().flat_map(|e| e.to_le_bytes()).collect();
+            }
             Self::OplogBatch { seq, bytes } => {
                 m.op = op::OPLOG_BATCH;
                 m.sequence = *seq;
@@ -278,8 +287,15 @@ impl ReplicaOp {
         };
         Ok(match m.op {
             op::RESET => {
-                exact(0)?;
-                Self::Reset
+                if !p.len().is_multiple_of(8) {
+                    return Err("payload length is wrong for the request");
+                }
+                Self::Reset {
+                    keep: p
+                        .chunks_exact(8)
+                        .map(|b| egid(u64::from_le_bytes(b.try_into().unwrap_or_default())))
+                        .collect::<Result<_, _>>()?,
+                }
             }
             op::OPLOG_BATCH => Self::OplogBatch {
                 seq: m.sequence,
@@ -637,7 +653,7 @@ struct Replica<D: BlockDevice> {
     taken_over: bool,
     /// A stream (RESET, copy, changes) is under way since this process started. Without one,
     /// only RESET is accepted: changes acknowledged by an earlier run of this process but not
-    /// yet flushed may be gone, which only a new full copy repairs.
+    /// yet flushed may be gone, which only a new copy (compared where kept) repairs.
     streaming: bool,
     oplog: Option<Rc<Oplog<D>>>,
 }
@@ -658,8 +674,8 @@ pub struct ReplicaHost<D: BlockDevice, M: MetadataStore> {
     finished: event_listener::Event,
     /// Serializes the (rare) refreshes of ownership records and oplog opens.
     lock: async_lock::Mutex<()>,
-    /// See [`ReplicaHost::scrub_mismatches`].
-    scrub_mismatches: Cell<u64>,
+    /// See [`ReplicaHost::verify_mismatches`].
+    verify_mismatches: Cell<u64>,
 }
 
 impl<D: BlockDevice + 'static, M: MetadataStore + 'static> ReplicaHost<D, M> {
@@ -675,7 +691,7 @@ impl<D: BlockDevice + 'static, M: MetadataStore + 'static> ReplicaHost<D, M> {
             in_flight: RefCell::new(HashMap::new()),
             finished: event_listener::Event::new(),
             lock: async_lock::Mutex::new(()),
-            scrub_mismatches: Cell::new(0),
+            verify_mismatches: Cell::new(0),
         }
     }
 
@@ -767,7 +783,7 @@ impl<D: BlockDevice + 'static, M: MetadataStore + 'static> ReplicaHost<D, M> {
         // Freed with no await in between the check and the frees: a stream that starts later
         // (RESET) finds the device without the copy, as it would after its own RESET.
         let store = self.store();
-        let freed = free_now(&store, vdisk)?;
+        let freed = free_now(&store, vdisk, &Default::default())?;
         if freed > 0 {
             store.flush().await?;
         }
@@ -868,7 +884,7 @@ impl<D: BlockDevice + 'static, M: MetadataStore + 'static> ReplicaHost<D, M> {
     async fn apply(&self, vdisk: u64, change: ReplicaOp) -> Result<Vec<u8>, String> {
         let store_err = |e: StoreError| e.to_string();
         match change {
-            ReplicaOp::Reset => {
+            ReplicaOp::Reset { keep } => {
                 // A new stream starts (at a new epoch: requests of the old one are refused from
                 // now on); requests of the old one still being applied finish first, so none
                 // lands on top of the copy that follows.
@@ -877,12 +893,20 @@ impl<D: BlockDevice + 'static, M: MetadataStore + 'static> ReplicaHost<D, M> {
                     r.oplog = None;
                     r.streaming = false;
                 }
-                free_vdisk_egroups(&self.store(), vdisk)
-                    .await
-                    .map_err(store_err)?;
+                let store = self.store();
+                let keep: std::collections::HashSet<ExtentGroupId> = keep.into_iter().collect();
+                if free_now(&store, vdisk, &keep).map_err(store_err)? > 0 {
+                    store.flush().await.map_err(store_err)?;
+                }
                 if let Some(r) = self.vdisks.borrow_mut().get_mut(&vdisk) {
                     r.streaming = true;
                 }
+                // Whatever stays is compared before the owner counts on it (VERIFY).
+                return Ok(keep
+                    .iter()
+                    .filter(|&&e| store.contains(e))
+                    .flat_map(|e| e.to_le_bytes())
+                    .collect());
             }
             ReplicaOp::OplogBatch { bytes, .. } => {
                 self.oplog(vdisk)
@@ -966,18 +990,19 @@ impl<D: BlockDevice + 'static, M: MetadataStore + 'static> ReplicaHost<D, M> {
                 let bad = differing_slices(&self.store(), egid, first, &crcs)
                     .await
                     .map_err(store_err)?;
-                self.scrub_mismatches
-                    .set(self.scrub_mismatches.get() + bad.len() as u64);
+                self.verify_mismatches
+                    .set(self.verify_mismatches.get() + bad.len() as u64);
                 return Ok(bad.iter().flat_map(|s| s.to_le_bytes()).collect());
             }
         }
         Ok(Vec::new())
     }
 
-    /// Slices of this host's copies that a VERIFY found different from their owner's (or failing
-    /// their own checksum); the owner rewrites each.
-    pub fn scrub_mismatches(&self) -> u64 {
-        self.scrub_mismatches.get()
+    /// Slices of this host's copies that a VERIFY (a scrub, or a stream that kept the copy)
+    /// found different from their owner's or failing their own checksum; the owner rewrites
+    /// each.
+    pub fn verify_mismatches(&self) -> u64 {
+        self.verify_mismatches.get()
     }
 }
 
@@ -1015,7 +1040,7 @@ impl<D: BlockDevice + 'static, M: MetadataStore + 'static> Handler for ReplicaHo
             return answer(
                 reply::FAILED,
                 format!(
-                    "node {} has no stream of vdisk {} (restarted?): it needs a full copy",
+                    "node {} has no stream of vdisk {} (restarted?): it needs a new copy",
                     self.node, request.vdisk
                 ),
             );
@@ -1083,7 +1108,7 @@ pub async fn free_vdisk_egroups<D: BlockDevice>(
     store: &BlockStore<D>,
     vdisk: u64,
 ) -> Result<usize, StoreError> {
-    let freed = free_now(store, vdisk)?;
+    let freed = free_now(store, vdisk, &Default::default())?;
     if freed > 0 {
         store.flush().await?;
     }
@@ -1187,11 +1212,16 @@ pub fn vdisk_bytes<D: BlockDevice>(store: &BlockStore<D>, vdisk: u64) -> u64 {
     held * egroup
 }
 
-/// Frees every extent group of `vdisk` on `store` (not yet durable: flush after).
-fn free_now<D: BlockDevice>(store: &BlockStore<D>, vdisk: u64) -> Result<usize, StoreError> {
+/// Frees every extent group of `vdisk` on `store` but those in `keep` (not yet durable: flush
+/// after).
+fn free_now<D: BlockDevice>(
+    store: &BlockStore<D>,
+    vdisk: u64,
+    keep: &std::collections::HashSet<ExtentGroupId>,
+) -> Result<usize, StoreError> {
     let mut freed = 0;
     for e in store.egroups() {
-        if vdisk_of_egroup(e.egid) == vdisk {
+        if vdisk_of_egroup(e.egid) == vdisk && !keep.contains(&e.egid) {
             store.free(e.egid)?;
             freed += 1;
         }
@@ -1284,7 +1314,10 @@ mod tests {
         let vd = 5u64;
         let egid = vd << 24 | 7;
         let ops = [
-            ReplicaOp::Reset,
+            ReplicaOp::Reset { keep: vec![] },
+            ReplicaOp::Reset {
+                keep: vec![egid, egid + 1],
+            },
             ReplicaOp::OplogDrained { seq: 11 },
             ReplicaOp::Allocate { egid },
             ReplicaOp::Trim {

@@ -146,6 +146,47 @@ pub struct ExtentStore<D: BlockDevice, M: MetadataStore> {
     replica_rewritten: Cell<u64>,
 }
 
+/// What [`ExtentStore::copy_to`] did, in slices.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Copied {
+    /// Slices sent to the replicas.
+    pub sent: u64,
+    /// Slices every replica that held their extent group already had (compared, not sent).
+    pub in_place: u64,
+}
+
+/// Has every replica compare slices `first..` of `egid` with `crcs` (VERIFY); the slices any
+/// of them found different or damaged, ascending, each once.
+async fn differing(
+    mirror: &Mirror,
+    egid: ExtentGroupId,
+    first: u32,
+    crcs: Vec<u32>,
+) -> Result<Vec<u32>, String> {
+    let end = first + crcs.len() as u32;
+    let answers = mirror(ReplicaOp::Verify { egid, first, crcs }).await?;
+    let mut bad: Vec<u32> = answers
+        .chunks_exact(4)
+        .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+        .filter(|s| (first..end).contains(s))
+        .collect();
+    bad.sort_unstable();
+    bad.dedup();
+    Ok(bad)
+}
+
+/// Runs of consecutive slices in `sorted` (ascending, no duplicates), as (first, count).
+fn runs_of(sorted: &[u32]) -> Vec<(u32, u32)> {
+    let mut runs: Vec<(u32, u32)> = Vec::new();
+    for &s in sorted {
+        match runs.last_mut() {
+            Some((first, len)) if *first + *len == s => *len += 1,
+            _ => runs.push((s, 1)),
+        }
+    }
+    runs
+}
+
 /// What one scrub step found.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Scrubbed {
@@ -268,46 +309,73 @@ impl<D: BlockDevice, M: MetadataStore> ExtentStore<D, M> {
             .map_err(|reason| ExtentError::Replication { vdisk, reason })
     }
 
-    /// Sends the whole extent store to `mirror` (a new or re-joining replica, after its RESET):
-    /// every extent group, allocated, and its non-zero 1 MiB runs of slices. Nothing may change
-    /// the store meanwhile. Returns the bytes sent.
-    pub async fn copy_to(&self, mirror: &Mirror) -> Result<u64, ExtentError> {
+    /// Makes the replicas' copy of the extent store this one (after their RESET, which kept
+    /// the extent groups this store has and said which of them `held` some replica): every
+    /// extent group is allocated there; one no replica held gets its non-zero 1 MiB runs; one
+    /// that some replica held is compared 1 MiB at a time (VERIFY, with the checksums this
+    /// store's metadata records, no data read here) and only the slices that differ are sent.
+    /// So a replica that comes back with its copy (a restart) costs a read of its own copy and
+    /// the checksums on the network, not the data. Nothing may change the store meanwhile.
+    pub async fn copy_to(
+        &self,
+        mirror: &Mirror,
+        held: &std::collections::HashSet<ExtentGroupId>,
+    ) -> Result<Copied, ExtentError> {
         let vdisk = self.vdisk;
         let layout = *self.store.layout();
         let slices = layout.egroup_bytes / layout.slice_bytes;
         let chunk = EXTENT_BLOCKS as u32;
-        let mut sent = 0u64;
+        let zero_crc = crc32c::crc32c(&[0u8; BLOCK_BYTES]);
+        let mut copied = Copied::default();
         let mut buf = DmaBuf::new(chunk as usize * BLOCK_BYTES);
+        let store_err = |source| ExtentError::Store { vdisk, source };
         let remote = |reason| ExtentError::Replication { vdisk, reason };
-        for e in self.store.egroups() {
-            if !is_mine(vdisk, e.egid) {
-                continue;
-            }
-            mirror(ReplicaOp::Allocate { egid: e.egid })
-                .await
-                .map_err(remote)?;
+        for (egid, _) in self.egroups() {
+            mirror(ReplicaOp::Allocate { egid }).await.map_err(remote)?;
+            let recorded = self.store.slice_crcs(egid).unwrap_or_default();
             let mut first = 0;
             while first < slices {
                 let n = chunk.min(slices - first);
-                buf.set_len(n as usize * BLOCK_BYTES);
-                self.store
-                    .read_slices(e.egid, first, &mut buf)
-                    .await
-                    .map_err(|source| ExtentError::Store { vdisk, source })?;
-                if buf.iter().any(|&b| b != 0) {
+                // The runs to send: all of it (skipped if zeros) where no replica held the
+                // extent group, else what a replica found different.
+                let runs: Vec<(u32, u32)> = if held.contains(&egid) {
+                    let crcs = (first..first + n)
+                        .map(|i| {
+                            recorded
+                                .get(i as usize)
+                                .copied()
+                                .flatten()
+                                .unwrap_or(zero_crc)
+                        })
+                        .collect();
+                    let bad = differing(mirror, egid, first, crcs).await.map_err(remote)?;
+                    copied.in_place += u64::from(n) - bad.len() as u64;
+                    runs_of(&bad)
+                } else {
+                    vec![(first, n)]
+                };
+                for (at, len) in runs {
+                    buf.set_len(len as usize * BLOCK_BYTES);
+                    self.store
+                        .read_slices(egid, at, &mut buf)
+                        .await
+                        .map_err(store_err)?;
+                    if !held.contains(&egid) && buf.iter().all(|&b| b == 0) {
+                        continue;
+                    }
                     mirror(ReplicaOp::Write {
-                        egid: e.egid,
-                        first,
+                        egid,
+                        first: at,
                         data: Rc::from(&buf[..]),
                     })
                     .await
                     .map_err(remote)?;
-                    sent += buf.len() as u64;
+                    copied.sent += u64::from(len);
                 }
                 first += n;
             }
         }
-        Ok(sent)
+        Ok(copied)
     }
 
     /// Where extent `extent` is, if mapped.
@@ -565,34 +633,27 @@ impl<D: BlockDevice, M: MetadataStore> ExtentStore<D, M> {
             return Ok(found);
         };
         let crcs = buf.chunks(BLOCK_BYTES).map(crc32c::crc32c).collect();
-        let answers = mirror(ReplicaOp::Verify { egid, first, crcs })
+        let bad = differing(&mirror, egid, first, crcs)
             .await
             .map_err(remote)?;
-        let mut bad: Vec<u32> = answers
-            .chunks_exact(4)
-            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
-            .filter(|s| (first..first + blocks).contains(s))
-            .collect();
         if bad.is_empty() {
             return Ok(found);
         }
-        bad.sort_unstable();
-        bad.dedup();
         // Alone, and from what this copy holds now: a write that raced the comparison has
         // finished on every copy, and nothing writes until the replicas have this copy's
         // bytes. A replica whose copy was good gets the same bytes again.
         let _alone = self.repair_lock.write().await;
-        let mut one = DmaBuf::new(BLOCK_BYTES);
-        for &slice in &bad {
-            match self.store.read_slices(egid, slice, &mut one).await {
+        for (at, len) in runs_of(&bad) {
+            buf.set_len(len as usize * BLOCK_BYTES);
+            match self.store.read_slices(egid, at, &mut buf).await {
                 Ok(()) => {}
                 Err(StoreError::NoSuchEgroup { .. }) => return Ok(found),
                 Err(e) => return Err(store_err(e)),
             }
             mirror(ReplicaOp::Write {
                 egid,
-                first: slice,
-                data: Rc::from(&one[..]),
+                first: at,
+                data: Rc::from(&buf[..]),
             })
             .await
             .map_err(remote)?;

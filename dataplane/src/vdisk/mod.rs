@@ -31,7 +31,7 @@ use blockstore::{BlockDevice, BlockStore, DmaBuf};
 use crate::cache::ReadCache;
 use crate::metadata::{Expect, MetaError, MetaOp, MetadataStore};
 use crate::target::{BlockTarget, TargetError};
-use extents::{EXTENT_BLOCKS, ExtentError, ExtentStore, Scrubbed};
+use extents::{Copied, EXTENT_BLOCKS, ExtentError, ExtentStore, Scrubbed};
 
 use crate::replication::{Mirror, ReplicaOp};
 use oplog::{BLOCK_BYTES, Oplog, OplogError};
@@ -328,17 +328,24 @@ impl<D: BlockDevice, M: MetadataStore> Vdisk<D, M> {
         &self.oplog
     }
 
-    /// Makes `mirror` (the vdisk's replicas) a full copy of this vdisk — RESET, every extent
-    /// group, a flush, then the undrained oplog batches — and sends it every later change: a
-    /// write is acknowledged only when the local device and the mirror both have it. Call it
-    /// before the vdisk serves or drains (nothing may change it during the copy). Returns the
-    /// extent bytes and oplog batches copied.
-    pub async fn set_mirror(&self, mirror: Mirror) -> Result<(u64, usize), TargetError> {
+    /// Makes `mirror` (the vdisk's replicas) a full copy of this vdisk — RESET (keeping the
+    /// extent groups this vdisk has), every extent group (compared where a replica kept it,
+    /// only what differs sent), a flush, then the undrained oplog batches — and sends it every
+    /// later change: a write is acknowledged only when the local device and the mirror both
+    /// have it. Call it before the vdisk serves or drains (nothing may change it during the
+    /// copy). Returns what the extent copy did and the oplog batches copied.
+    pub async fn set_mirror(&self, mirror: Mirror) -> Result<(Copied, usize), TargetError> {
         let failed = |e: &dyn std::fmt::Display| target_err(0, format!("copying to replicas: {e}"));
-        mirror(ReplicaOp::Reset).await.map_err(|e| failed(&e))?;
-        let bytes = self
+        let keep = self.extents.egroups().into_iter().map(|(e, _)| e).collect();
+        let held = mirror(ReplicaOp::Reset { keep })
+            .await
+            .map_err(|e| failed(&e))?
+            .chunks_exact(8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
+            .collect();
+        let copied = self
             .extents
-            .copy_to(&mirror)
+            .copy_to(&mirror, &held)
             .await
             .map_err(|e| failed(&e))?;
         mirror(ReplicaOp::Flush).await.map_err(|e| failed(&e))?;
@@ -351,7 +358,7 @@ impl<D: BlockDevice, M: MetadataStore> Vdisk<D, M> {
             Box::pin(async move { sent.await.map(|_| ()) })
         }));
         *self.mirror.borrow_mut() = Some(mirror);
-        Ok((bytes, batches))
+        Ok((copied, batches))
     }
 
     fn bump(&self, f: impl FnOnce(&mut VdiskStats)) {

@@ -552,11 +552,34 @@ fn a_replica_host_holds_everything_acknowledged_and_fences_the_old_owner() {
                 })
             })
         };
-        let (bytes, batches) = primary.set_mirror(mirror).await.unwrap();
+        let (copied, batches) = primary.set_mirror(mirror.clone()).await.unwrap();
         assert!(
-            bytes > 0 && batches > 0,
-            "copied {bytes} bytes, {batches} batches"
+            copied.sent > 0 && copied.in_place == 0 && batches > 0,
+            "copied {copied:?}, {batches} batches"
         );
+        // The replica comes back with its copy (the owner restarted, say): the new stream
+        // compares it and sends nothing, or only what differs.
+        let (again, _) = primary.set_mirror(mirror.clone()).await.unwrap();
+        assert_eq!(again.sent, 0, "{again:?}");
+        assert!(again.in_place >= copied.sent, "{again:?} after {copied:?}");
+        // One slice of the replica's copy rotted meanwhile: that slice alone is sent.
+        let (egid, slice, at) = store_b
+            .egroups()
+            .iter()
+            .find_map(|e| {
+                let crcs = store_b.slice_crcs(e.egid)?;
+                let i = crcs.iter().position(Option::is_some)?;
+                (e.egid & crate::vdisk::oplog::OPLOG_EGID_BIT == 0)
+                    .then(|| (e.egid, i as u32, e.offset + i as u64 * 4096 + 5))
+            })
+            .expect("a written slice on the replica");
+        let mut b = [0u8; 1];
+        dev_b.peek(at, &mut b);
+        dev_b.poke(at, &[b[0] ^ 0x10]);
+        let (fixed, _) = primary.set_mirror(mirror.clone()).await.unwrap();
+        assert_eq!(fixed.sent, 1, "{fixed:?}");
+        let mut one = blockstore::DmaBuf::new(4096);
+        store_b.read_slices(egid, slice, &mut one).await.unwrap();
         // Bit rot in the owner's extent store: the read is served from the replica and the
         // local copy rewritten.
         let data = fill(&mut ChaCha8Rng::seed_from_u64(5), 8192);
@@ -618,6 +641,7 @@ fn a_replica_host_holds_everything_acknowledged_and_fences_the_old_owner() {
         let replica_at = extent_byte(&store_b, loc, 1, 333);
         dev_b.peek(replica_at, &mut byte);
         dev_b.poke(replica_at, &[byte[0] ^ 0x80]);
+        let mismatches = host.verify_mismatches();
         let found = primary.scrub_pass(|| async { true }).await.unwrap();
         assert_eq!(
             (found.repaired_here, found.rewritten_on_replicas),
@@ -625,7 +649,7 @@ fn a_replica_host_holds_everything_acknowledged_and_fences_the_old_owner() {
             "{found:?}"
         );
         assert!(found.slices >= 2 * EXTENT_BLOCKS, "{found:?}");
-        assert_eq!(host.scrub_mismatches(), 1);
+        assert_eq!(host.verify_mismatches(), mismatches + 1);
         let mut slice = blockstore::DmaBuf::new(4096);
         store_b
             .read_slices(
@@ -639,7 +663,7 @@ fn a_replica_host_holds_everything_acknowledged_and_fences_the_old_owner() {
         // A second pass finds nothing.
         let again = primary.scrub_pass(|| async { true }).await.unwrap();
         assert_eq!((again.repaired_here, again.rewritten_on_replicas), (0, 0));
-        assert_eq!(host.scrub_mismatches(), 1);
+        assert_eq!(host.verify_mismatches(), mismatches + 1);
         step(&primary, &mut model, 140).await;
         assert!(primary.oplog().undrained_batches() > 0);
         // Bit rot in the owner's oplog (undrained data): the same, from the replica's oplog.
@@ -694,8 +718,10 @@ fn a_replica_host_holds_everything_acknowledged_and_fences_the_old_owner() {
         // lost unflushed changes it acknowledged).
         let r = other.handle(2, ReplicaOp::Flush.to_message(1, 2)).await;
         assert_eq!(r.op, reply::FAILED);
-        assert!(String::from_utf8_lossy(&r.payload).contains("needs a full copy"));
-        let r = other.handle(2, ReplicaOp::Reset.to_message(1, 2)).await;
+        assert!(String::from_utf8_lossy(&r.payload).contains("needs a new copy"));
+        let r = other
+            .handle(2, ReplicaOp::Reset { keep: vec![] }.to_message(1, 2))
+            .await;
         assert_eq!(r.op, reply::OK, "{}", String::from_utf8_lossy(&r.payload));
         let r = other.handle(2, ReplicaOp::Flush.to_message(1, 2)).await;
         assert_eq!(r.op, reply::OK, "{}", String::from_utf8_lossy(&r.payload));
