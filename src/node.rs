@@ -877,8 +877,8 @@ impl CoreVdisks {
              in place, and {batches} oplog batches copied)",
             v.name,
             own.epoch,
-            human(copied.sent * 4096),
-            human(copied.in_place * 4096)
+            human(copied.sent),
+            human(copied.in_place)
         );
         self.mirrors.borrow_mut().insert(id, set);
         // Where its data is, for a purge when it is deleted.

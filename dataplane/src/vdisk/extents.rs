@@ -142,16 +142,14 @@ pub struct ExtentStore<D: BlockDevice, M: MetadataStore> {
     /// Changes (local and mirrored) hold it shared; a repair holds it alone, so the copy it
     /// reads and the copy it writes cannot be overtaken by a write in between.
     repair_lock: async_lock::RwLock<()>,
-    /// Slices the scrub found different on a replica and rewrote there.
-    replica_rewritten: Cell<u64>,
 }
 
-/// What [`ExtentStore::copy_to`] did, in slices.
+/// What [`ExtentStore::copy_to`] did, in bytes.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Copied {
-    /// Slices sent to the replicas.
+    /// Data sent to the replicas.
     pub sent: u64,
-    /// Slices every replica that held their extent group already had (compared, not sent).
+    /// Data every replica that held its extent group already had (compared, not sent).
     pub in_place: u64,
 }
 
@@ -280,7 +278,6 @@ impl<D: BlockDevice, M: MetadataStore> ExtentStore<D, M> {
             mirror: RefCell::new(None),
             repaired: Cell::new(0),
             repair_lock: async_lock::RwLock::new(()),
-            replica_rewritten: Cell::new(0),
         })
     }
 
@@ -349,7 +346,7 @@ impl<D: BlockDevice, M: MetadataStore> ExtentStore<D, M> {
                         })
                         .collect();
                     let bad = differing(mirror, egid, first, crcs).await.map_err(remote)?;
-                    copied.in_place += u64::from(n) - bad.len() as u64;
+                    copied.in_place += (u64::from(n) - bad.len() as u64) * BLOCK_BYTES as u64;
                     runs_of(&bad)
                 } else {
                     vec![(first, n)]
@@ -370,7 +367,7 @@ impl<D: BlockDevice, M: MetadataStore> ExtentStore<D, M> {
                     })
                     .await
                     .map_err(remote)?;
-                    copied.sent += u64::from(len);
+                    copied.sent += buf.len() as u64;
                 }
                 first += n;
             }
@@ -660,19 +657,12 @@ impl<D: BlockDevice, M: MetadataStore> ExtentStore<D, M> {
         }
         mirror(ReplicaOp::Flush).await.map_err(remote)?;
         found.rewritten_on_replicas = bad.len() as u64;
-        self.replica_rewritten
-            .set(self.replica_rewritten.get() + bad.len() as u64);
         eprintln!(
             "cairn: vdisk {vdisk}: scrub: {} slice(s) of extent group {egid:#x} differed on a \
              replica and were rewritten there from this copy",
             bad.len()
         );
         Ok(found)
-    }
-
-    /// Slices the scrub found different on a replica and rewrote there.
-    pub fn replica_rewritten_slices(&self) -> u64 {
-        self.replica_rewritten.get()
     }
 
     /// Slices repaired from a replica after failing their checksum here.
