@@ -340,6 +340,10 @@ const STARTUP_SETTLE: Duration = Duration::from_secs(30);
 const FAILOVER_AFTER: Duration = Duration::from_secs(3);
 /// How long a ping waits for its answer.
 const PING_TIMEOUT: Duration = Duration::from_millis(500);
+/// How long a record must leave this node's copy of a vdisk out before the copy is freed: an
+/// owner opening the vdisk records no replica until it has made them copies again, and the
+/// stream that keeps this one starts only after the owner raised the epoch.
+const SURPLUS_GRACE: Duration = Duration::from_secs(10);
 /// How long a starting node waits for a vdisk's recorded replica to answer before it chooses
 /// another (which would need the whole copy sent).
 const RECORDED_REPLICA_GRACE: Duration = Duration::from_secs(10);
@@ -709,6 +713,9 @@ struct CoreVdisks {
     /// When this core started (a replica recorded for a vdisk is waited for while the node is
     /// starting: the whole cluster may be starting).
     started: std::time::Instant,
+    /// Vdisks whose record does not count this node's copy: since which epoch and when it was
+    /// first seen so ([`SURPLUS_GRACE`]).
+    surplus_since: RefCell<HashMap<u64, (u64, std::time::Instant)>>,
     /// Problems already reported (vdisk id -> message), so a retry does not flood the log.
     reported: RefCell<HashMap<u64, String>>,
     stopping: Cell<bool>,
@@ -1425,10 +1432,25 @@ impl CoreVdisks {
                     );
                 }
                 // A copy here that the record no longer counts (this node owned or held the
-                // vdisk before it moved on): free it.
+                // vdisk before it moved on): free it, once the record has said so for a while.
+                // While an owner makes its replicas anew, its record names none until the copy
+                // is done, and the stream that keeps this copy may not have begun yet.
+                let surplus = replicated && !owner.replicas.contains(&me);
+                let surplus_for = if surplus {
+                    let now = std::time::Instant::now();
+                    let mut seen = self.surplus_since.borrow_mut();
+                    let since = seen.entry(v.vdisk_id).or_insert((owner.epoch, now));
+                    if since.0 != owner.epoch {
+                        *since = (owner.epoch, now);
+                    }
+                    now - since.1
+                } else {
+                    self.surplus_since.borrow_mut().remove(&v.vdisk_id);
+                    Duration::ZERO
+                };
                 if let Some(host) = self.host.as_ref().filter(|h| !h.is_offline())
-                    && replicated
-                    && !owner.replicas.contains(&me)
+                    && surplus
+                    && surplus_for >= SURPLUS_GRACE
                 {
                     match host.trim_surplus(v.vdisk_id).await {
                         Ok(0) => {}
@@ -1745,6 +1767,7 @@ async fn run_core(
         published: Cell::new(false),
         drains: RefCell::default(),
         started: std::time::Instant::now(),
+        surplus_since: RefCell::default(),
         reported: RefCell::default(),
         stopping: Cell::new(false),
     });

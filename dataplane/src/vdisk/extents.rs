@@ -629,17 +629,30 @@ impl<D: BlockDevice, M: MetadataStore> ExtentStore<D, M> {
         let Some(mirror) = self.mirror.borrow().clone() else {
             return Ok(found);
         };
-        let crcs = buf.chunks(BLOCK_BYTES).map(crc32c::crc32c).collect();
-        let bad = differing(&mirror, egid, first, crcs)
-            .await
-            .map_err(remote)?;
-        if bad.is_empty() {
-            return Ok(found);
-        }
-        // Alone, and from what this copy holds now: a write that raced the comparison has
-        // finished on every copy, and nothing writes until the replicas have this copy's
-        // bytes. A replica whose copy was good gets the same bytes again.
-        let _alone = self.repair_lock.write().await;
+        // Compared once as writes go on; if anything differs, again alone, from what this copy
+        // holds then: a host write between this read and the replicas' may have made the
+        // difference, and it has finished on every copy once the lock is held. What still
+        // differs is damage, rewritten before anything writes again (a replica whose copy was
+        // good gets the same bytes).
+        let mut alone = None;
+        let bad = loop {
+            let crcs = buf.chunks(BLOCK_BYTES).map(crc32c::crc32c).collect();
+            let bad = differing(&mirror, egid, first, crcs)
+                .await
+                .map_err(remote)?;
+            if bad.is_empty() {
+                return Ok(found);
+            }
+            if alone.is_some() {
+                break bad;
+            }
+            alone = Some(self.repair_lock.write().await);
+            match self.store.read_slices(egid, first, &mut buf).await {
+                Ok(()) => {}
+                Err(StoreError::NoSuchEgroup { .. }) => return Ok(found),
+                Err(e) => return Err(store_err(e)),
+            }
+        };
         for (at, len) in runs_of(&bad) {
             buf.set_len(len as usize * BLOCK_BYTES);
             match self.store.read_slices(egid, at, &mut buf).await {
