@@ -1393,6 +1393,10 @@ impl CoreVdisks {
         let mut complete = true;
         let mut all = Vec::new();
         let mut remote = HashMap::new();
+        // Vdisks deleted from the config are never looked at again.
+        self.surplus_since
+            .borrow_mut()
+            .retain(|id, _| view.vdisks.iter().any(|s| s.record.vdisk_id == *id));
         for s in &view.vdisks {
             let v = &s.record;
             let rf = view

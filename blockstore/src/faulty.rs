@@ -85,6 +85,24 @@ pub struct FaultStats {
     pub kept_writes: u64,
 }
 
+/// Where byte ranges `[a, a + a_len)` and `[b, b + b_len)` overlap, as index ranges into the
+/// first and into the second.
+fn overlap(
+    a: u64,
+    a_len: usize,
+    b: u64,
+    b_len: usize,
+) -> Option<(std::ops::Range<usize>, std::ops::Range<usize>)> {
+    let from = a.max(b);
+    let to = (a + a_len as u64).min(b + b_len as u64);
+    (from < to).then(|| {
+        (
+            (from - a) as usize..(to - a) as usize,
+            (from - b) as usize..(to - b) as usize,
+        )
+    })
+}
+
 /// A device wrapper that injects faults.
 pub struct FaultyDevice<D: BlockDevice> {
     inner: D,
@@ -265,14 +283,9 @@ impl<D: BlockDevice> BlockDevice for FaultyDevice<D> {
         }
         self.inner.read(offset, buf).await?;
         // Overlay the cached writes, oldest first, so the newest wins.
-        let end = offset + buf.len() as u64;
         for (woff, wbuf) in self.cache.borrow().iter() {
-            let wend = woff + wbuf.len() as u64;
-            if *woff < end && wend > offset {
-                let from = offset.max(*woff);
-                let to = end.min(wend);
-                buf[(from - offset) as usize..(to - offset) as usize]
-                    .copy_from_slice(&wbuf[(from - woff) as usize..(to - woff) as usize]);
+            if let Some((mine, theirs)) = overlap(offset, buf.len(), *woff, wbuf.len()) {
+                buf[mine].copy_from_slice(&wbuf[theirs]);
             }
         }
         if self.chance(self.cfg.bit_flip_rate) {
@@ -324,14 +337,9 @@ impl<D: BlockDevice> BlockDevice for FaultyDevice<D> {
         }
         // It supersedes whatever the cache holds for its sectors: patch the cached copies, so
         // that destaging them later cannot bring older data back.
-        let end = offset + buf.len() as u64;
         for (woff, wbuf) in self.cache.borrow_mut().iter_mut() {
-            let wend = *woff + wbuf.len() as u64;
-            if *woff < end && wend > offset {
-                let from = offset.max(*woff);
-                let to = end.min(wend);
-                wbuf[(from - *woff) as usize..(to - *woff) as usize]
-                    .copy_from_slice(&buf[(from - offset) as usize..(to - offset) as usize]);
+            if let Some((mine, theirs)) = overlap(offset, buf.len(), *woff, wbuf.len()) {
+                wbuf[theirs].copy_from_slice(&buf[mine]);
             }
         }
         self.inner.write_fua(offset, buf).await
@@ -369,6 +377,18 @@ mod tests {
         }
     }
 
+    /// A 1 MiB device of 512-byte sectors with a volatile cache, whose power fails at
+    /// operation `ops`.
+    fn cut_at(seed: u64, ops: u64) -> FaultyDevice<MemDevice> {
+        FaultyDevice::new(
+            MemDevice::new("f", 1 << 20, 512),
+            FaultConfig {
+                power_cut_after_ops: Some(ops),
+                ..cfg(seed)
+            },
+        )
+    }
+
     #[test]
     fn unflushed_writes_are_visible_but_not_durable() {
         block_on(async {
@@ -392,13 +412,7 @@ mod tests {
         let mut seen = FaultStats::default();
         for seed in 0..50 {
             block_on(async {
-                let dev = FaultyDevice::new(
-                    MemDevice::new("f", 1 << 20, 512),
-                    FaultConfig {
-                        power_cut_after_ops: Some(5),
-                        ..cfg(seed)
-                    },
-                );
+                let dev = cut_at(seed, 5);
                 let buf = DmaBuf::from_slice(&[9u8; 4096]);
                 for i in 0..4 {
                     dev.write(i * 4096, &buf).await.unwrap();
@@ -433,13 +447,7 @@ mod tests {
         let mut in_flight = FaultStats::default();
         for seed in 0..50 {
             block_on(async {
-                let dev = FaultyDevice::new(
-                    MemDevice::new("f", 1 << 20, 512),
-                    FaultConfig {
-                        power_cut_after_ops: Some(4),
-                        ..cfg(seed)
-                    },
-                );
+                let dev = cut_at(seed, 4);
                 let old = DmaBuf::from_slice(&[1u8; 8192]);
                 let new = DmaBuf::from_slice(&[2u8; 4096]);
                 // Cached (unflushed), then half of it overwritten with FUA, then another FUA.

@@ -363,6 +363,22 @@ impl UringDevice {
         Ok(())
     }
 
+    /// Writes `buf` at `offset` with requests built by `entry` (fd, offset, bytes).
+    async fn write_with(
+        &self,
+        offset: u64,
+        buf: &DmaBuf,
+        entry: fn(std::os::fd::RawFd, u64, &[u8]) -> io_uring::squeue::Entry,
+    ) -> Result<(), DeviceError> {
+        check_range(&self.info, IoOp::Write, offset, buf.len() as u64)?;
+        buf.assert_aligned(self.info.block_size as usize);
+        let fd = self.direct.as_raw_fd();
+        self.transfer(IoOp::Write, offset, buf.len(), |done| {
+            entry(fd, offset + done as u64, &buf[done..])
+        })
+        .await
+    }
+
     fn io_error(&self, op: IoOp, offset: u64, len: u64, source: io::Error) -> DeviceError {
         DeviceError::Io {
             device: self.info.name.clone(),
@@ -406,25 +422,13 @@ impl BlockDevice for UringDevice {
     }
 
     async fn write(&self, offset: u64, buf: &DmaBuf) -> Result<(), DeviceError> {
-        check_range(&self.info, IoOp::Write, offset, buf.len() as u64)?;
-        buf.assert_aligned(self.info.block_size as usize);
-        let fd = self.direct.as_raw_fd();
-        self.transfer(IoOp::Write, offset, buf.len(), |done| {
-            ring::write_entry(fd, offset + done as u64, &buf[done..])
-        })
-        .await
+        self.write_with(offset, buf, ring::write_entry).await
     }
 
     async fn write_fua(&self, offset: u64, buf: &DmaBuf) -> Result<(), DeviceError> {
-        check_range(&self.info, IoOp::Write, offset, buf.len() as u64)?;
-        buf.assert_aligned(self.info.block_size as usize);
-        let fd = self.direct.as_raw_fd();
         // RWF_DSYNC on an O_DIRECT descriptor: a FUA write where the device has FUA, else the
         // kernel flushes after it (the trait's default, in one submission).
-        self.transfer(IoOp::Write, offset, buf.len(), |done| {
-            ring::write_dsync_entry(fd, offset + done as u64, &buf[done..])
-        })
-        .await
+        self.write_with(offset, buf, ring::write_dsync_entry).await
     }
 
     async fn flush(&self) -> Result<(), DeviceError> {

@@ -325,7 +325,6 @@ impl<D: BlockDevice, M: MetadataStore> ExtentStore<D, M> {
         let zero_crc = crc32c::crc32c(&[0u8; BLOCK_BYTES]);
         let mut copied = Copied::default();
         let mut buf = DmaBuf::new(chunk as usize * BLOCK_BYTES);
-        let store_err = |source| ExtentError::Store { vdisk, source };
         let remote = |reason| ExtentError::Replication { vdisk, reason };
         for (egid, _) in self.egroups() {
             mirror(ReplicaOp::Allocate { egid }).await.map_err(remote)?;
@@ -352,27 +351,47 @@ impl<D: BlockDevice, M: MetadataStore> ExtentStore<D, M> {
                     vec![(first, n)]
                 };
                 for (at, len) in runs {
-                    buf.set_len(len as usize * BLOCK_BYTES);
-                    self.store
-                        .read_slices(egid, at, &mut buf)
-                        .await
-                        .map_err(store_err)?;
-                    if !held.contains(&egid) && buf.iter().all(|&b| b == 0) {
-                        continue;
+                    if self
+                        .send_run(mirror, egid, at, len, &mut buf, !held.contains(&egid))
+                        .await?
+                    {
+                        copied.sent += buf.len() as u64;
                     }
-                    mirror(ReplicaOp::Write {
-                        egid,
-                        first: at,
-                        data: Rc::from(&buf[..]),
-                    })
-                    .await
-                    .map_err(remote)?;
-                    copied.sent += buf.len() as u64;
                 }
                 first += n;
             }
         }
         Ok(copied)
+    }
+
+    /// Reads slices `at..at + len` of `egid` here into `buf` and writes them on the replicas;
+    /// false, with nothing sent, when `skip_zeros` and they are all zeros.
+    async fn send_run(
+        &self,
+        mirror: &Mirror,
+        egid: ExtentGroupId,
+        at: u32,
+        len: u32,
+        buf: &mut DmaBuf,
+        skip_zeros: bool,
+    ) -> Result<bool, ExtentError> {
+        let vdisk = self.vdisk;
+        buf.set_len(len as usize * BLOCK_BYTES);
+        self.store
+            .read_slices(egid, at, buf)
+            .await
+            .map_err(|source| ExtentError::Store { vdisk, source })?;
+        if skip_zeros && buf.iter().all(|&b| b == 0) {
+            return Ok(false);
+        }
+        mirror(ReplicaOp::Write {
+            egid,
+            first: at,
+            data: Rc::from(&buf[..]),
+        })
+        .await
+        .map_err(|reason| ExtentError::Replication { vdisk, reason })?;
+        Ok(true)
     }
 
     /// Where extent `extent` is, if mapped.
@@ -654,19 +673,14 @@ impl<D: BlockDevice, M: MetadataStore> ExtentStore<D, M> {
             }
         };
         for (at, len) in runs_of(&bad) {
-            buf.set_len(len as usize * BLOCK_BYTES);
-            match self.store.read_slices(egid, at, &mut buf).await {
-                Ok(()) => {}
-                Err(StoreError::NoSuchEgroup { .. }) => return Ok(found),
-                Err(e) => return Err(store_err(e)),
+            match self.send_run(&mirror, egid, at, len, &mut buf, false).await {
+                Ok(_) => {}
+                Err(ExtentError::Store {
+                    source: StoreError::NoSuchEgroup { .. },
+                    ..
+                }) => return Ok(found),
+                Err(e) => return Err(e),
             }
-            mirror(ReplicaOp::Write {
-                egid,
-                first: at,
-                data: Rc::from(&buf[..]),
-            })
-            .await
-            .map_err(remote)?;
         }
         mirror(ReplicaOp::Flush).await.map_err(remote)?;
         found.rewritten_on_replicas = bad.len() as u64;
