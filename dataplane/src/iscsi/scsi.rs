@@ -8,7 +8,12 @@
 //! shared (`Rc`) by every session to that target: persistent reservations (enforced across
 //! I_T nexuses), the legacy RESERVE(6) holder, the write-cache-enable mode bit, and a range lock
 //! that serialises COMPARE AND WRITE against other writes to the same blocks (the target runs on
-//! one core, so a local lock is enough for atomicity).
+//! one core, so a local lock is enough for atomicity), and the unit attentions pending for each
+//! I_T nexus with a session: BUS DEVICE RESET FUNCTION OCCURRED after a LUN or target reset,
+//! CAPACITY DATA HAS CHANGED after the vdisk grew, MODE PARAMETERS CHANGED when another nexus
+//! changed the caching page, and the reservation conditions of SPC-5 5.14.11 (REGISTRATIONS
+//! PREEMPTED, RESERVATIONS PREEMPTED, RESERVATIONS RELEASED), so that a cluster node learns
+//! that another one took the disk from it.
 //!
 //! Sense data is always fixed format (D_SENSE is 0 and not changeable). Unsupported opcodes get
 //! ILLEGAL REQUEST / INVALID COMMAND OPERATION CODE; bad CDB fields INVALID FIELD IN CDB; ranges
@@ -93,6 +98,15 @@ impl Sense {
     pub const RESET_OCCURRED: Sense = Sense::new(0x6, 0x29, 0x03);
     /// UNIT ATTENTION: CAPACITY DATA HAS CHANGED.
     pub const CAPACITY_CHANGED: Sense = Sense::new(0x6, 0x2a, 0x09);
+    /// UNIT ATTENTION: MODE PARAMETERS CHANGED (another I_T nexus changed a shared page).
+    pub const MODE_PARAMETERS_CHANGED: Sense = Sense::new(0x6, 0x2a, 0x01);
+    /// UNIT ATTENTION: RESERVATIONS PREEMPTED (another I_T nexus cleared them).
+    pub const RESERVATIONS_PREEMPTED: Sense = Sense::new(0x6, 0x2a, 0x03);
+    /// UNIT ATTENTION: RESERVATIONS RELEASED (a registrants-only or all-registrants
+    /// reservation this nexus took part in ended, or changed type).
+    pub const RESERVATIONS_RELEASED: Sense = Sense::new(0x6, 0x2a, 0x04);
+    /// UNIT ATTENTION: REGISTRATIONS PREEMPTED (this nexus's registration was removed).
+    pub const REGISTRATIONS_PREEMPTED: Sense = Sense::new(0x6, 0x2a, 0x05);
     /// ABORTED COMMAND: DATA PHASE ERROR (Data-Out out of sequence).
     pub const DATA_PHASE_ERROR: Sense = Sense::new(0xb, 0x4b, 0x00);
     /// HARDWARE ERROR: INTERNAL TARGET FAILURE (the reservation state could not be saved).
@@ -187,6 +201,13 @@ mod pr_type {
     pub const EXCLUSIVE_ACCESS_RO: u8 = 6;
     pub const WRITE_EXCLUSIVE_AR: u8 = 7;
     pub const EXCLUSIVE_ACCESS_AR: u8 = 8;
+}
+
+fn registrants_only(t: u8) -> bool {
+    matches!(
+        t,
+        pr_type::WRITE_EXCLUSIVE_RO | pr_type::EXCLUSIVE_ACCESS_RO
+    )
 }
 
 fn all_registrants(t: u8) -> bool {
@@ -511,6 +532,18 @@ impl LuShared {
         }
     }
 
+    /// Establishes unit attention `sense` for `nexus`, if it has a session to this unit (a
+    /// nexus without one has nothing to be told) and the same condition is not pending.
+    fn raise(&self, nexus: &Nexus, sense: Sense) {
+        if !self.nexuses.borrow().contains(nexus) {
+            return;
+        }
+        let mut ua = self.unit_attentions.borrow_mut();
+        if !ua.iter().any(|(n, s)| n == nexus && *s == sense) {
+            ua.push((nexus.clone(), sense));
+        }
+    }
+
     fn take_unit_attention(&self, nexus: &Nexus) -> Option<Sense> {
         let mut ua = self.unit_attentions.borrow_mut();
         let at = ua.iter().position(|(n, _)| n == nexus)?;
@@ -791,7 +824,7 @@ async fn dispatch<T: BlockTarget>(
         }
         0x35 | 0x91 => synchronize_cache(lu, &g, cdb).await,
         0x1a | 0x5a => mode_sense(lu, &g, cdb),
-        0x15 | 0x55 => mode_select(lu, cdb, data_out),
+        0x15 | 0x55 => mode_select(lu, nexus, cdb, data_out),
         0xa0 => report_luns(cdb),
         0xa3 => report_supported_opcodes(cdb),
         0x5e => persistent_reserve_in(lu, cdb),
@@ -1420,7 +1453,7 @@ fn mode_sense<T: BlockTarget>(lu: &Lu<T>, g: &Geometry, cdb: &[u8; 16]) -> Res<V
     Ok(truncate(d, alloc))
 }
 
-fn mode_select<T>(lu: &Lu<T>, cdb: &[u8; 16], data_out: &[u8]) -> Res<Vec<u8>> {
+fn mode_select<T>(lu: &Lu<T>, nexus: &Nexus, cdb: &[u8; 16], data_out: &[u8]) -> Res<Vec<u8>> {
     let ten = cdb[0] == 0x55;
     if cdb[1] & 0x01 != 0 {
         return Err(Sense::SAVING_NOT_SUPPORTED.into()); // SP
@@ -1486,7 +1519,20 @@ fn mode_select<T>(lu: &Lu<T>, cdb: &[u8; 16], data_out: &[u8]) -> Res<Vec<u8>> {
         }
         pages = &pages[plen..];
     }
-    lu.shared.wce.set(new_wce);
+    if lu.shared.wce.replace(new_wce) != new_wce {
+        // The caching page is shared by every I_T nexus: the others are told (SPC-5 6.15).
+        let others: Vec<Nexus> = lu
+            .shared
+            .nexuses
+            .borrow()
+            .iter()
+            .filter(|n| *n != nexus)
+            .cloned()
+            .collect();
+        for n in &others {
+            lu.shared.raise(n, Sense::MODE_PARAMETERS_CHANGED);
+        }
+    }
     Ok(Vec::new())
 }
 
@@ -1640,7 +1686,8 @@ async fn persistent_reserve_out<T>(
 ) -> Res<Vec<u8>> {
     let _g = lu.shared.pr_lock.lock().await;
     let mut next = lu.shared.pr.borrow().clone();
-    let out = pr_out_apply(&mut next, nexus, cdb, data_out)?;
+    let mut attentions = Vec::new();
+    let out = pr_out_apply(&mut next, nexus, cdb, data_out, &mut attentions)?;
     if next != *lu.shared.pr.borrow() {
         let store = lu.shared.pr_store.borrow().clone();
         if let Some(store) = store
@@ -1650,10 +1697,25 @@ async fn persistent_reserve_out<T>(
         }
         *lu.shared.pr.borrow_mut() = next;
     }
+    for (n, sense) in &attentions {
+        lu.shared.raise(n, *sense);
+    }
     Ok(out)
 }
 
-fn pr_out_apply(pr: &mut PrState, nexus: &Nexus, cdb: &[u8; 16], data_out: &[u8]) -> Res<Vec<u8>> {
+/// Applies a PERSISTENT RESERVE OUT to `pr`, adding to `attentions` the unit attentions it
+/// establishes for other I_T nexuses (SPC-5 5.14.11): REGISTRATIONS PREEMPTED for each
+/// registration a PREEMPT removes, RESERVATIONS PREEMPTED for every registration a CLEAR
+/// removes, and RESERVATIONS RELEASED for the remaining registrants when a registrants-only or
+/// all-registrants reservation is released (RELEASE, or its holder unregistering) or a PREEMPT
+/// changes its type.
+fn pr_out_apply(
+    pr: &mut PrState,
+    nexus: &Nexus,
+    cdb: &[u8; 16],
+    data_out: &[u8],
+    attentions: &mut Vec<(Nexus, Sense)>,
+) -> Res<Vec<u8>> {
     let sa = service_action(cdb);
     let scope = cdb[2] >> 4;
     let rtype = cdb[2] & 0x0f;
@@ -1681,7 +1743,16 @@ fn pr_out_apply(pr: &mut PrState, nexus: &Nexus, cdb: &[u8; 16], data_out: &[u8]
             match (registered, sa_key) {
                 (None, 0) => {}
                 (None, k) => pr.registrations.push((nexus.clone(), k)),
-                (Some(_), 0) => pr.unregister(nexus),
+                (Some(_), 0) => {
+                    let held = pr.reservation.clone();
+                    pr.unregister(nexus);
+                    if let Some((_, t)) = held
+                        && pr.reservation.is_none()
+                        && registrants_only(t)
+                    {
+                        released(pr, nexus, attentions);
+                    }
+                }
                 (Some(_), k) => {
                     for (n, old) in pr.registrations.iter_mut() {
                         if n == nexus {
@@ -1715,14 +1786,22 @@ fn pr_out_apply(pr: &mut PrState, nexus: &Nexus, cdb: &[u8; 16], data_out: &[u8]
                 if *t != rtype || scope != 0 {
                     return Err(Sense::INVALID_RELEASE.into());
                 }
+                let t = *t;
                 pr.reservation = None;
+                if registrants_only(t) || all_registrants(t) {
+                    released(pr, nexus, attentions);
+                }
             }
         }
         3 => {
             if registered != Some(key) {
                 return Err(Fail::Conflict);
             }
-            pr.registrations.clear();
+            for (n, _) in pr.registrations.drain(..) {
+                if n != *nexus {
+                    attentions.push((n, Sense::RESERVATIONS_PREEMPTED));
+                }
+            }
             pr.reservation = None;
             pr.generation = pr.generation.wrapping_add(1);
         }
@@ -1737,26 +1816,23 @@ fn pr_out_apply(pr: &mut PrState, nexus: &Nexus, cdb: &[u8; 16], data_out: &[u8]
             match reservation {
                 Some((_, t)) if all_registrants(t) => {
                     if sa_key == 0 {
-                        pr.registrations.retain(|(n, _)| n == nexus);
+                        preempt(pr, nexus, |_| true, attentions);
                         pr.reservation = Some((nexus.clone(), rtype));
-                    } else {
-                        let before = pr.registrations.len();
-                        pr.registrations.retain(|(n, k)| *k != sa_key || n == nexus);
-                        if pr.registrations.len() == before {
-                            return Err(Fail::Conflict);
-                        }
+                    } else if preempt(pr, nexus, |k| k == sa_key, attentions) == 0 {
+                        return Err(Fail::Conflict);
                     }
                 }
-                Some((holder, _)) => {
+                Some((holder, t)) => {
                     let holder_key = pr.key_of(&holder).unwrap_or(0);
                     if sa_key == 0 {
                         return Err(Sense::INVALID_FIELD_IN_PARAMETER_LIST.into());
                     }
-                    let before = pr.registrations.len();
-                    pr.registrations.retain(|(n, k)| *k != sa_key || n == nexus);
-                    let removed = before - pr.registrations.len();
+                    let removed = preempt(pr, nexus, |k| k == sa_key, attentions);
                     if holder_key == sa_key {
                         pr.reservation = Some((nexus.clone(), rtype));
+                        if t != rtype {
+                            released(pr, nexus, attentions);
+                        }
                     } else if removed == 0 {
                         return Err(Fail::Conflict);
                     }
@@ -1765,9 +1841,7 @@ fn pr_out_apply(pr: &mut PrState, nexus: &Nexus, cdb: &[u8; 16], data_out: &[u8]
                     if sa_key == 0 {
                         return Err(Sense::INVALID_FIELD_IN_PARAMETER_LIST.into());
                     }
-                    let before = pr.registrations.len();
-                    pr.registrations.retain(|(n, k)| *k != sa_key || n == nexus);
-                    if pr.registrations.len() == before {
+                    if preempt(pr, nexus, |k| k == sa_key, attentions) == 0 {
                         return Err(Fail::Conflict);
                     }
                 }
@@ -1777,6 +1851,34 @@ fn pr_out_apply(pr: &mut PrState, nexus: &Nexus, cdb: &[u8; 16], data_out: &[u8]
         _ => return Err(Sense::INVALID_FIELD_IN_CDB.into()),
     }
     Ok(Vec::new())
+}
+
+/// Removes the registrations of other I_T nexuses whose key `matches`, each told REGISTRATIONS
+/// PREEMPTED; returns how many were removed.
+fn preempt(
+    pr: &mut PrState,
+    nexus: &Nexus,
+    matches: impl Fn(u64) -> bool,
+    attentions: &mut Vec<(Nexus, Sense)>,
+) -> usize {
+    let before = pr.registrations.len();
+    pr.registrations.retain(|(n, k)| {
+        let removed = n != nexus && matches(*k);
+        if removed {
+            attentions.push((n.clone(), Sense::REGISTRATIONS_PREEMPTED));
+        }
+        !removed
+    });
+    before - pr.registrations.len()
+}
+
+/// Tells every registrant but `nexus` that the reservation they shared was released.
+fn released(pr: &PrState, nexus: &Nexus, attentions: &mut Vec<(Nexus, Sense)>) {
+    for (n, _) in &pr.registrations {
+        if n != nexus {
+            attentions.push((n.clone(), Sense::RESERVATIONS_RELEASED));
+        }
+    }
 }
 
 fn reserve6<T>(lu: &Lu<T>, nexus: &Nexus) -> Res<Vec<u8>> {
@@ -1955,5 +2057,72 @@ mod tests {
         let keys = run(&lu, &a, &[0x5e, 0, 0, 0, 0, 0, 0, 1, 0, 0], &[]);
         assert_eq!(&keys.data[4..8], &8u32.to_be_bytes());
         assert_eq!(&keys.data[8..16], &2u64.to_be_bytes());
+    }
+
+    #[test]
+    fn reservation_changes_raise_unit_attentions_on_other_nexuses() {
+        let lu = lu();
+        let [a, b, c] = ["a", "b", "c"].map(|n| Nexus::new(n, &[0; 6]));
+        for n in [&a, &b, &c] {
+            lu.shared.nexus_added(n);
+        }
+        let params = |key: u64, sa_key: u64| {
+            let mut p = vec![0u8; 24];
+            p[0..8].copy_from_slice(&key.to_be_bytes());
+            p[8..16].copy_from_slice(&sa_key.to_be_bytes());
+            p
+        };
+        let prout = |sa: u8, t: u8| [0x5f, sa, t, 0, 0, 0, 0, 0, 24, 0];
+        let tur = [0u8; 6];
+        // The unit attention a nexus gets on its next command (then GOOD again), if any.
+        let attention = |n: &Nexus| {
+            let first = run(&lu, n, &tur, &[]);
+            if first.status == status::GOOD {
+                return None;
+            }
+            assert_eq!(run(&lu, n, &tur, &[]).status, status::GOOD, "reported once");
+            first.sense
+        };
+        for (n, key) in [(&a, 1), (&b, 2), (&c, 3)] {
+            assert_eq!(run(&lu, n, &prout(0, 0), &params(0, key)).status, 0);
+        }
+        // Write Exclusive - Registrants Only, held by a, released: b and c are told.
+        assert_eq!(run(&lu, &a, &prout(1, 5), &params(1, 0)).status, 0);
+        assert_eq!(run(&lu, &a, &prout(2, 5), &params(1, 0)).status, 0);
+        assert_eq!(attention(&a), None);
+        assert_eq!(attention(&b), Some(Sense::RESERVATIONS_RELEASED));
+        assert_eq!(attention(&c), Some(Sense::RESERVATIONS_RELEASED));
+        // Exclusive Access by a, preempted by b as Write Exclusive: a loses its registration,
+        // c keeps its own but the reservation changed type.
+        assert_eq!(run(&lu, &a, &prout(1, 3), &params(1, 0)).status, 0);
+        assert_eq!(run(&lu, &b, &prout(4, 1), &params(2, 1)).status, 0);
+        assert_eq!(attention(&a), Some(Sense::REGISTRATIONS_PREEMPTED));
+        assert_eq!(attention(&b), None);
+        assert_eq!(attention(&c), Some(Sense::RESERVATIONS_RELEASED));
+        // A plain Write Exclusive released: nobody else is told.
+        assert_eq!(run(&lu, &b, &prout(2, 1), &params(2, 0)).status, 0);
+        assert_eq!(attention(&c), None);
+        // A registrants-only holder unregistering ends the reservation for the others.
+        assert_eq!(run(&lu, &b, &prout(1, 6), &params(2, 0)).status, 0);
+        assert_eq!(run(&lu, &b, &prout(0, 0), &params(2, 0)).status, 0);
+        assert_eq!(attention(&c), Some(Sense::RESERVATIONS_RELEASED));
+        // CLEAR by c: everyone else registered is told, and only while connected.
+        assert_eq!(run(&lu, &a, &prout(0, 0), &params(0, 1)).status, 0);
+        assert_eq!(run(&lu, &b, &prout(0, 0), &params(0, 2)).status, 0);
+        lu.shared.nexus_lost(&b);
+        assert_eq!(run(&lu, &c, &prout(3, 0), &params(3, 0)).status, 0);
+        assert_eq!(attention(&a), Some(Sense::RESERVATIONS_PREEMPTED));
+        assert_eq!(attention(&c), None);
+        assert!(lu.shared.unit_attentions.borrow().is_empty());
+        // A changed caching page is news to every other nexus.
+        let mut caching = vec![0u8; 4 + 20];
+        caching[4..24].copy_from_slice(&caching_page(false, 0));
+        let select = [0x15, 0x10, 0, 0, 24, 0];
+        assert_eq!(run(&lu, &c, &select, &caching).status, status::GOOD);
+        assert_eq!(attention(&a), Some(Sense::MODE_PARAMETERS_CHANGED));
+        assert_eq!(attention(&c), None);
+        // Setting it to what it already is changes nothing.
+        assert_eq!(run(&lu, &c, &select, &caching).status, status::GOOD);
+        assert_eq!(attention(&a), None);
     }
 }
