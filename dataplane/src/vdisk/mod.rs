@@ -59,6 +59,8 @@ struct DrainRun {
 pub const DEFAULT_SCRUB_RATE: u64 = 8 << 20;
 /// Pause before each scrub pass.
 pub const DEFAULT_SCRUB_INTERVAL: std::time::Duration = std::time::Duration::from_secs(3600);
+/// Under host I/O the scrub slows to 1/this of its rate (see [`Vdisk::scrub_pace`]).
+pub const SCRUB_BUSY_SLOWDOWN: u32 = 8;
 
 /// The drain starts a cycle once this much data waits (16 MiB)...
 pub const DRAIN_TRIGGER_BLOCKS: u64 = 4096;
@@ -187,6 +189,8 @@ pub struct VdiskStats {
     pub read_cache_blocks: u64,
     /// Blocks read from the extent store.
     pub read_extent_blocks: u64,
+    /// Pauses the scrub added (one scrub step each) because the host was doing I/O.
+    pub scrub_yields: u64,
 }
 
 /// One virtual disk on its owner core.
@@ -676,7 +680,7 @@ impl<D: BlockDevice, M: MetadataStore> Vdisk<D, M> {
         let step = std::time::Duration::from_secs_f64(BOUNCE_BYTES as f64 / rate as f64);
         while self.sleep_unless_stopped(interval).await {
             let started = std::time::Instant::now();
-            match self.scrub_pass(|| self.sleep_unless_stopped(step)).await {
+            match self.scrub_pass(|| self.scrub_pace(step)).await {
                 Ok(s) if s.repaired_here + s.rewritten_on_replicas > 0 => eprintln!(
                     "cairn: vdisk {}: scrub pass: {} MiB checked in {:.1} s; {} slice(s) \
                      repaired here, {} rewritten on replicas",
@@ -690,6 +694,31 @@ impl<D: BlockDevice, M: MetadataStore> Vdisk<D, M> {
                 Err(e) => eprintln!("cairn: vdisk {}: scrub pass stopped: {e}", self.cfg.name),
             }
         }
+    }
+
+    /// The scrub's pause after each 1 MiB: one `step`, and more while the host did I/O on the
+    /// vdisk during the last one, up to [`SCRUB_BUSY_SLOWDOWN`] steps in all (the seed's
+    /// scrubber works "when disks aren't heavily utilized"; under host I/O that never stops it
+    /// still goes on, at that fraction of its rate). False once the vdisk stops.
+    pub async fn scrub_pace(&self, step: std::time::Duration) -> bool {
+        for waited in 1..=SCRUB_BUSY_SLOWDOWN {
+            let before = self.host_activity();
+            if !self.sleep_unless_stopped(step).await {
+                return false;
+            }
+            if self.host_activity() == before || waited == SCRUB_BUSY_SLOWDOWN {
+                break;
+            }
+            self.bump(|s| s.scrub_yields += 1);
+        }
+        true
+    }
+
+    /// Grows with every host request that reached the devices: writes of any kind (they bump
+    /// the write generation) and blocks read from the oplog, the cache or the extent store.
+    fn host_activity(&self) -> u64 {
+        let s = self.stats.get();
+        self.write_gen.get() + s.read_oplog_blocks + s.read_cache_blocks + s.read_extent_blocks
     }
 
     /// Stops the drain loop after its current cycle (at once when it is idle).

@@ -728,3 +728,53 @@ fn a_replica_host_holds_everything_acknowledged_and_fences_the_old_owner() {
         assert_eq!(r.op, reply::OK, "{}", String::from_utf8_lossy(&r.payload));
     });
 }
+
+/// The scrub gives way to host I/O: while a host writes, each of its pauses grows by steps (up
+/// to `SCRUB_BUSY_SLOWDOWN`, so it still moves on); on an idle vdisk it is one step.
+#[test]
+fn the_scrub_slows_down_while_the_host_does_io() {
+    glommio::LocalExecutorBuilder::default()
+        .spawn(|| async {
+            let dev = formatted_mem_device().await;
+            let vd = open(dev, Rc::new(MemMetadataStore::new())).await;
+            let step = std::time::Duration::from_millis(20);
+            assert!(vd.scrub_pace(step).await);
+            assert_eq!(vd.stats().scrub_yields, 0, "idle: one step");
+            // A host writing every millisecond, for longer than the slowest pause.
+            let busy = Rc::new(std::cell::Cell::new(true));
+            let writer = {
+                let (vd, busy) = (vd.clone(), busy.clone());
+                glommio::spawn_local(async move {
+                    let block = vec![7u8; 4096];
+                    let mut i = 0u64;
+                    while busy.get() {
+                        vd.write((i % 64) * 4096, &block, false).await.unwrap();
+                        i += 1;
+                        glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+                    }
+                })
+            };
+            let started = std::time::Instant::now();
+            assert!(vd.scrub_pace(step).await);
+            let waited = started.elapsed();
+            busy.set(false);
+            writer.await;
+            // Every step but the last was added (fewer only if this thread was kept off the
+            // CPU for a whole step, so that no write landed in it).
+            let yields = vd.stats().scrub_yields;
+            assert!(
+                (1..u64::from(SCRUB_BUSY_SLOWDOWN)).contains(&yields),
+                "busy: {yields} step(s) added"
+            );
+            assert!(waited >= step * (yields as u32 + 1), "{waited:?}");
+            // Quiet again: back to one step.
+            assert!(vd.scrub_pace(step).await);
+            assert_eq!(vd.stats().scrub_yields, yields);
+            // A stopped vdisk ends the pause.
+            vd.stop();
+            assert!(!vd.scrub_pace(step).await);
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+}
