@@ -191,6 +191,9 @@ pub struct PrState {
     generation: u32,
     registrations: Vec<(Nexus, u64)>,
     reservation: Option<(Nexus, u8)>,
+    /// The APTPL bit of the last REGISTER (reported as PTPL_A). The state is saved either way
+    /// (see [`persistent_reserve_out`]).
+    aptpl: bool,
 }
 
 /// Reservation types.
@@ -257,11 +260,12 @@ pub enum PrDecodeError {
 }
 
 impl PrState {
-    const VERSION: u8 = 1;
+    const VERSION: u8 = 2;
 
-    /// The saved form: version u8, generation u32, registrations u32, each (key u64, name
-    /// length u16, name), reservation flag u8 [+ type u8, name length u16, name], crc32c u32
-    /// of everything before it; integers little-endian.
+    /// The saved form: version u8 (2), generation u32, registrations u32, each (key u64, name
+    /// length u16, name), reservation flag u8 [+ type u8, name length u16, name], APTPL u8,
+    /// crc32c u32 of everything before it; integers little-endian. Version 1 is the same
+    /// without the APTPL byte (read as 0).
     pub fn encode(&self) -> Vec<u8> {
         fn name(out: &mut Vec<u8>, n: &Nexus) {
             out.extend_from_slice(&(n.id.len() as u16).to_le_bytes());
@@ -282,6 +286,7 @@ impl PrState {
                 name(&mut out, n);
             }
         }
+        out.push(u8::from(self.aptpl));
         let crc = crc32c::crc32c(&out);
         out.extend_from_slice(&crc.to_le_bytes());
         out
@@ -297,7 +302,7 @@ impl PrState {
         }
         let mut r = Cursor(body);
         let version = r.take::<1>()?[0];
-        if version != Self::VERSION {
+        if !(1..=Self::VERSION).contains(&version) {
             return Err(PrDecodeError::Version(version));
         }
         let generation = u32::from_le_bytes(r.take()?);
@@ -314,10 +319,12 @@ impl PrState {
                 Some((r.nexus()?, t))
             }
         };
+        let aptpl = version >= 2 && r.take::<1>()?[0] != 0;
         Ok(PrState {
             generation,
             registrations,
             reservation,
+            aptpl,
         })
     }
 
@@ -1647,8 +1654,9 @@ fn persistent_reserve_in<T>(lu: &Lu<T>, cdb: &[u8; 16]) -> Res<Vec<u8>> {
             }
         },
         2 => {
-            d = vec![0, 8, 0x00, 0x80, 0xea, 0x01, 0, 0];
-            // CRH=0 SIP_C=0 ATP_C=0 PTPL_C=0; TMV; types WE, EA, WERO, EARO, WEAR, EAAR.
+            // CRH=0 SIP_C=0 ATP_C=0 PTPL_C=1; TMV, PTPL_A; types WE, EA, WERO, EARO, WEAR,
+            // EAAR.
+            d = vec![0, 8, 0x01, 0x80 | u8::from(pr.aptpl), 0xea, 0x01, 0, 0];
         }
         3 => {
             let mut body = Vec::new();
@@ -1678,6 +1686,12 @@ fn persistent_reserve_in<T>(lu: &Lu<T>, cdb: &[u8; 16]) -> Res<Vec<u8>> {
 
 /// PERSISTENT RESERVE OUT: the change is computed on a copy of the state, saved to the unit's
 /// reservation store, and only then applied (one command at a time per unit).
+///
+/// The state is saved whatever the APTPL bit says. SPC-5 5.14.5 lets reservations registered
+/// with APTPL=0 go at a loss of power in the target, but a Cairn logical unit does not lose
+/// power when a node does: another node takes the vdisk over, and cluster software counts on
+/// its reservations still being there. So APTPL=1 is accepted (PTPL_C=1, reported back as
+/// PTPL_A) and APTPL=0 keeps the state too.
 async fn persistent_reserve_out<T>(
     lu: &Lu<T>,
     nexus: &Nexus,
@@ -1729,10 +1743,12 @@ fn pr_out_apply(
     let key = be64(p, 0);
     let sa_key = be64(p, 8);
     let flags = p[20];
-    if flags & (0x08 | 0x04 | 0x01) != 0 {
-        // SPEC_I_PT, ALL_TG_PT and APTPL are not supported (capabilities say so).
+    if flags & (0x08 | 0x04) != 0 {
+        // SPEC_I_PT and ALL_TG_PT are not supported (capabilities say so).
         return Err(Sense::INVALID_FIELD_IN_PARAMETER_LIST.into());
     }
+    // APTPL counts only with a REGISTER (SPC-5 6.17.3), and the last one received applies.
+    let aptpl = flags & 0x01 != 0;
     let valid_type = matches!(rtype, 1 | 3 | 5 | 6 | 7 | 8);
     let registered = pr.key_of(nexus);
     match sa {
@@ -1740,6 +1756,7 @@ fn pr_out_apply(
             if sa == 0 && registered.unwrap_or(0) != key {
                 return Err(Fail::Conflict);
             }
+            pr.aptpl = aptpl;
             match (registered, sa_key) {
                 (None, 0) => {}
                 (None, k) => pr.registrations.push((nexus.clone(), k)),
@@ -1972,9 +1989,29 @@ mod tests {
             generation: 7,
             registrations: vec![(a.clone(), 0xA), (b, 0xB)],
             reservation: Some((a, pr_type::EXCLUSIVE_ACCESS)),
+            aptpl: true,
         };
         let bytes = state.encode();
         assert_eq!(PrState::decode(&bytes), Ok(state.clone()));
+        // A version 1 record (no APTPL byte) still reads, as APTPL=0.
+        let mut v1 = bytes[..bytes.len() - 5].to_vec();
+        v1[0] = 1;
+        let crc = crc32c::crc32c(&v1);
+        v1.extend_from_slice(&crc.to_le_bytes());
+        let old = PrDecodeError::Version(3);
+        assert_eq!(
+            PrState::decode(&v1),
+            Ok(PrState {
+                aptpl: false,
+                ..state.clone()
+            })
+        );
+        let mut v3 = bytes.clone();
+        v3[0] = 3;
+        let body = v3.len() - 4;
+        let crc = crc32c::crc32c(&v3[..body]);
+        v3[body..].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(PrState::decode(&v3), Err(old));
         assert_eq!(
             PrState::decode(&PrState::default().encode()),
             Ok(PrState::default())
@@ -2114,6 +2151,22 @@ mod tests {
         assert_eq!(attention(&a), Some(Sense::RESERVATIONS_PREEMPTED));
         assert_eq!(attention(&c), None);
         assert!(lu.shared.unit_attentions.borrow().is_empty());
+        // APTPL with a REGISTER is kept and reported (PTPL_C, PTPL_A); the last one counts.
+        let caps = |lu: &Lu<Mem>| run(lu, &a, &[0x5e, 2, 0, 0, 0, 0, 0, 0, 8, 0], &[]).data;
+        assert_eq!(caps(&lu)[2..4], [0x01, 0x80]);
+        let mut aptpl = params(0, 0x11);
+        aptpl[20] = 0x01;
+        assert_eq!(run(&lu, &a, &prout(0, 0), &aptpl).status, 0);
+        assert_eq!(caps(&lu)[2..4], [0x01, 0x81]);
+        assert_eq!(run(&lu, &a, &prout(6, 0), &params(0, 0x12)).status, 0);
+        assert_eq!(caps(&lu)[2..4], [0x01, 0x80]);
+        // SPEC_I_PT is still refused.
+        let mut spec = params(0x12, 0x13);
+        spec[20] = 0x08;
+        assert_eq!(
+            run(&lu, &a, &prout(0, 0), &spec).sense,
+            Some(Sense::INVALID_FIELD_IN_PARAMETER_LIST)
+        );
         // A changed caching page is news to every other nexus.
         let mut caching = vec![0u8; 4 + 20];
         caching[4..24].copy_from_slice(&caching_page(false, 0));
