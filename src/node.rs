@@ -61,7 +61,7 @@ use dataplane::replication::{
     rank_replicas, reply, vdisk_bytes,
 };
 use dataplane::transport::tcp::{TcpConfig, TcpTransport};
-use dataplane::transport::{Message, Transport};
+use dataplane::transport::{ClusterTag, Message, Transport};
 
 /// Arguments of `cairn node run`.
 #[derive(Debug, Args)]
@@ -695,6 +695,9 @@ struct CoreVdisks {
     owners: RefCell<HashMap<u64, (Ownership, u64)>>,
     /// This core's connections to the other nodes' data ports.
     transport: Rc<TcpTransport>,
+    /// The cluster this node's transport and data port name in their hellos (set from the
+    /// config once the cluster record is known).
+    cluster: ClusterTag,
     /// Data addresses given to `transport`.
     peer_addrs: RefCell<HashMap<u64, SocketAddr>>,
     /// The replica side (core 0 only): copies of other nodes' vdisks on this core's first
@@ -1373,6 +1376,9 @@ impl CoreVdisks {
 
     /// Gives `transport` the data addresses of the nodes in `view`.
     fn update_peers(&self, view: &ConfigView) {
+        if let Some(c) = &view.cluster {
+            self.cluster.set(ClusterTag::id_of(&c.cluster_id));
+        }
         for n in &view.nodes {
             let r = &n.record;
             let Ok(addr) = r.data_addr.parse::<SocketAddr>() else {
@@ -1726,7 +1732,13 @@ async fn run_core(
         ..TcpConfig::default()
     };
     let local_ip = tcp.local_ip;
-    let transport = Rc::new(TcpTransport::new(node_id, tcp));
+    // The cluster id is known once the config has the cluster record (before the first
+    // reconcile on a node that formed or already joined the cluster).
+    let cluster = ClusterTag::default();
+    if let Some(c) = &setup.view.borrow().cluster {
+        cluster.set(ClusterTag::id_of(&c.cluster_id));
+    }
+    let transport = Rc::new(TcpTransport::new(node_id, cluster.clone(), tcp));
     // Core 0 keeps the replicas of other nodes' vdisks, on its first device.
     let host = (core == 0)
         .then(|| {
@@ -1763,6 +1775,7 @@ async fn run_core(
         exports: exports.clone(),
         owners: RefCell::default(),
         transport: transport.clone(),
+        cluster: cluster.clone(),
         peer_addrs: RefCell::default(),
         host: host.clone(),
         mirrors: RefCell::default(),
@@ -1792,7 +1805,7 @@ async fn run_core(
             })?;
         let stop = shutdown.clone();
         servers.push(glommio::spawn_local(async move {
-            dataplane::transport::tcp::serve(listener, node_id, host, tcp, stop)
+            dataplane::transport::tcp::serve(listener, node_id, cluster, host, tcp, stop)
                 .await
                 .map(|_| ())
                 .map_err(|e| e.to_string())

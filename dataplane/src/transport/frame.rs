@@ -476,18 +476,28 @@ pub fn decode(bytes: &[u8], max_payload: u32) -> Result<(Frame, usize), FrameErr
     Ok((frame, end))
 }
 
-/// The hello frame a node sends first on each connection.
-pub fn hello(node: super::NodeId) -> Message {
+/// The hello frame a node sends first on each connection: its node id u64 and the id of the
+/// cluster it belongs to u64 (0 while it does not know yet), little-endian.
+pub fn hello(node: super::NodeId, cluster: u64) -> Message {
+    let mut payload = node.to_le_bytes().to_vec();
+    payload.extend_from_slice(&cluster.to_le_bytes());
     Message {
-        payload: node.to_le_bytes().to_vec(),
+        payload,
         ..Message::default()
     }
 }
 
-/// The node id in a hello frame's message, if it has the right shape.
-pub fn hello_node(message: &Message) -> Option<super::NodeId> {
-    let bytes: [u8; 8] = message.payload.as_slice().try_into().ok()?;
-    Some(u64::from_le_bytes(bytes))
+/// The node id and cluster id in a hello frame's message, if it has the right shape. A hello
+/// of 8 bytes (a node id alone) names no cluster (0).
+pub fn hello_node(message: &Message) -> Option<(super::NodeId, u64)> {
+    let p = message.payload.as_slice();
+    let node = u64::from_le_bytes(p.get(..8)?.try_into().ok()?);
+    let cluster = match p.len() {
+        8 => 0,
+        16 => u64::from_le_bytes(p[8..].try_into().ok()?),
+        _ => return None,
+    };
+    Some((node, cluster))
 }
 
 /// The message of a reject frame.
@@ -712,8 +722,20 @@ mod tests {
 
     #[test]
     fn hello_and_reject_messages() {
-        assert_eq!(hello_node(&hello(77)), Some(77));
+        assert_eq!(hello_node(&hello(77, 0xC1)), Some((77, 0xC1)));
+        let node_only = Message {
+            payload: 77u64.to_le_bytes().to_vec(),
+            ..Message::default()
+        };
+        assert_eq!(hello_node(&node_only), Some((77, 0)));
         assert_eq!(hello_node(&Message::default()), None);
+        for len in [1, 7, 9, 15, 17] {
+            let odd = Message {
+                payload: vec![0; len],
+                ..Message::default()
+            };
+            assert_eq!(hello_node(&odd), None, "{len} bytes");
+        }
         let r = reject(RejectReason::TooLarge);
         assert_eq!(RejectReason::from_code(r.op), Some(RejectReason::TooLarge));
         assert_eq!(RejectReason::from_code(0), None);

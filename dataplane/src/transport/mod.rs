@@ -121,9 +121,62 @@ pub enum TransportError {
         /// The node that answered.
         answered: NodeId,
     },
+    /// The peer belongs to another cluster (the address now leads to another cluster's node).
+    #[error("node {peer} belongs to cluster {theirs:016x}, not to this node's {ours:016x}")]
+    WrongCluster {
+        /// The peer called.
+        peer: NodeId,
+        /// This node's cluster.
+        ours: u64,
+        /// The cluster the peer named.
+        theirs: u64,
+    },
     /// This transport was shut down.
     #[error("the transport is shut down")]
     Shutdown,
+}
+
+/// The cluster a node belongs to, as its transports tell peers in every hello and check theirs
+/// against: connections between nodes of two clusters are refused, so that a stale address
+/// (a node id and vdisk ids are small numbers, alike in every cluster) can never let one
+/// cluster's owner change another cluster's copies. 0 while the node does not know its cluster
+/// yet (it accepts, and is accepted by, any peer). Shared by a core's transport and server.
+#[derive(Debug, Clone, Default)]
+pub struct ClusterTag(std::rc::Rc<std::cell::Cell<u64>>);
+
+impl ClusterTag {
+    /// A tag naming cluster `id`.
+    pub fn new(id: u64) -> ClusterTag {
+        ClusterTag(std::rc::Rc::new(std::cell::Cell::new(id)))
+    }
+
+    /// Names cluster `id` from now on (new connections).
+    pub fn set(&self, id: u64) {
+        self.0.set(id);
+    }
+
+    /// The cluster named (0: not known yet).
+    pub fn get(&self) -> u64 {
+        self.0.get()
+    }
+
+    /// The cluster id of a cluster record's id string: its hex value when it is one, else a
+    /// hash of it; never 0.
+    pub fn id_of(cluster_id: &str) -> u64 {
+        let id = u64::from_str_radix(cluster_id, 16).unwrap_or_else(|_| {
+            // FNV-1a.
+            cluster_id.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+            })
+        });
+        id.max(1)
+    }
+
+    /// Whether a peer naming cluster `theirs` may talk to this node.
+    pub fn accepts(&self, theirs: u64) -> bool {
+        let ours = self.get();
+        ours == 0 || theirs == 0 || ours == theirs
+    }
 }
 
 /// Sends requests to peers and waits for their responses.

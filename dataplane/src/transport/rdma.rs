@@ -65,7 +65,7 @@ use glommio::sync::Semaphore;
 use rdma_sys as ibv;
 
 use super::frame::{self, FRAME_VERSION, FrameError, FrameKind, HEAD_LEN};
-use super::{Handler, Message, NodeId, Transport, TransportError};
+use super::{ClusterTag, Handler, Message, NodeId, Transport, TransportError};
 use crate::nbd::Shutdown;
 
 /// Size of a huge page the buffer region is allocated from.
@@ -73,7 +73,7 @@ pub const HUGE_PAGE_BYTES: usize = 2 << 20;
 /// Completions taken from the CQ per `ibv_poll_cq`.
 const POLL_BATCH: usize = 32;
 /// Bytes of connection private data: node id (8, little-endian) and frame version (1).
-const PRIVATE_DATA_LEN: usize = 9;
+const PRIVATE_DATA_LEN: usize = 17;
 
 /// How an [`RdmaDevice`] and its connections behave.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -928,15 +928,17 @@ struct Peer {
 /// The calling side of the RDMA backend, for one core.
 pub struct RdmaTransport {
     node: NodeId,
+    cluster: ClusterTag,
     device: Rc<RdmaDevice>,
     peers: RefCell<HashMap<NodeId, Rc<Peer>>>,
 }
 
 impl RdmaTransport {
-    /// A transport for node `node` on `device`.
-    pub fn new(node: NodeId, device: Rc<RdmaDevice>) -> Self {
+    /// A transport for node `node` of the cluster `cluster` names, on `device`.
+    pub fn new(node: NodeId, cluster: ClusterTag, device: Rc<RdmaDevice>) -> Self {
         RdmaTransport {
             node,
+            cluster,
             device,
             peers: RefCell::new(HashMap::new()),
         }
@@ -987,6 +989,7 @@ impl RdmaTransport {
         let setup = ConnectSetup {
             addr: peer.addr,
             node: self.node,
+            cluster: self.cluster.get(),
             timeout_ms: device.config.resolve_timeout.as_millis() as i32,
             pd: SendPtr(device.pd),
             ctx: SendPtr(device.ctx),
@@ -998,7 +1001,7 @@ impl RdmaTransport {
         let connected = glommio::executor()
             .spawn_blocking(move || connect_blocking(setup))
             .await;
-        let (id, channel, answered) = match connected {
+        let (id, channel, (answered, theirs)) = match connected {
             Ok(c) => c,
             Err(e) => {
                 for s in slots {
@@ -1022,12 +1025,22 @@ impl RdmaTransport {
             true,  // its own event channel: nothing else reads events for it
         ));
         device.qps.borrow_mut().insert(no, qp.clone());
-        if answered != peer_id {
-            // Closing flushes the posted receives back into the region and then reaps the QP.
-            let error = TransportError::WrongNode {
+        let wrong = if answered != peer_id {
+            Some(TransportError::WrongNode {
                 peer: peer_id,
                 answered,
-            };
+            })
+        } else if !self.cluster.accepts(theirs) {
+            Some(TransportError::WrongCluster {
+                peer: peer_id,
+                ours: self.cluster.get(),
+                theirs,
+            })
+        } else {
+            None
+        };
+        if let Some(error) = wrong {
+            // Closing flushes the posted receives back into the region and then reaps the QP.
             device.close_qp(&qp, error.clone());
             device.reap(&qp);
             return Err(error);
@@ -1123,6 +1136,7 @@ impl Drop for CallGuard<'_> {
 struct ConnectSetup {
     addr: SocketAddr,
     node: NodeId,
+    cluster: u64,
     timeout_ms: i32,
     pd: SendPtr<ibv::ibv_pd>,
     ctx: SendPtr<ibv::ibv_context>,
@@ -1136,10 +1150,11 @@ struct ConnectSetup {
 // SAFETY: the init attributes hold CQ pointers (thread-safe verbs objects owned by the core).
 unsafe impl Send for ConnectSetup {}
 
+/// The connection, its event channel, and the peer's hello (node id, cluster id).
 type Connected = (
     SendPtr<ibv::rdma_cm_id>,
     SendPtr<ibv::rdma_event_channel>,
-    NodeId,
+    (NodeId, u64),
 );
 
 /// Waits for the next CM event on `channel` and returns its type, status and private data.
@@ -1171,21 +1186,28 @@ unsafe fn next_event(
     }
 }
 
-fn private_data(node: NodeId) -> [u8; PRIVATE_DATA_LEN] {
+/// The hello in the connection's private data: node id u64, frame version u8, cluster id u64
+/// (see [`ClusterTag`]), little-endian.
+fn private_data(node: NodeId, cluster: u64) -> [u8; PRIVATE_DATA_LEN] {
     let mut d = [0u8; PRIVATE_DATA_LEN];
     d[..8].copy_from_slice(&node.to_le_bytes());
     d[8] = FRAME_VERSION;
+    d[9..].copy_from_slice(&cluster.to_le_bytes());
     d
 }
 
-fn parse_private_data(d: &[u8; PRIVATE_DATA_LEN]) -> io::Result<NodeId> {
+fn parse_private_data(d: &[u8; PRIVATE_DATA_LEN]) -> io::Result<(NodeId, u64)> {
     if d[8] != FRAME_VERSION {
         return Err(io::Error::new(
             io::ErrorKind::Unsupported,
             "peer speaks another frame version",
         ));
     }
-    Ok(u64::from_le_bytes(d[..8].try_into().expect("8 bytes")))
+    let node = u64::from_le_bytes(d[..8].try_into().expect("8 bytes"));
+    Ok((
+        node,
+        u64::from_le_bytes(d[9..].try_into().expect("8 bytes")),
+    ))
 }
 
 fn conn_param(data: &[u8; PRIVATE_DATA_LEN]) -> ibv::rdma_conn_param {
@@ -1298,7 +1320,7 @@ fn connect_blocking(mut s: ConnectSetup) -> io::Result<Connected> {
                 return Err(io::Error::from_raw_os_error(rc));
             }
         }
-        let data = private_data(s.node);
+        let data = private_data(s.node, s.cluster);
         let mut param = conn_param(&data);
         if ibv::rdma_connect(id, &mut param) != 0 {
             cleanup(id, true);
@@ -1353,11 +1375,13 @@ struct Inbox {
 }
 
 /// Answers requests to node `node` arriving at `listen` (an address of `device`'s NIC, with the
-/// rdma_cm port) with `handler` until `shutdown` is triggered.
+/// rdma_cm port) with `handler` until `shutdown` is triggered. A peer of another cluster than
+/// `cluster` is rejected.
 pub async fn serve<H: Handler + 'static>(
     device: Rc<RdmaDevice>,
     listen: SocketAddr,
     node: NodeId,
+    cluster: ClusterTag,
     handler: Rc<H>,
     shutdown: Shutdown,
 ) -> Result<(), RdmaError> {
@@ -1430,7 +1454,9 @@ pub async fn serve<H: Handler + 'static>(
                 let peer = hello.as_ref().map(parse_private_data);
                 // SAFETY: a connection request id handed over by the listener thread.
                 unsafe {
-                    let Some(Ok(peer)) = peer else {
+                    let Some(Ok((peer, _))) = peer
+                        .filter(|p| p.as_ref().is_ok_and(|&(_, theirs)| cluster.accepts(theirs)))
+                    else {
                         ibv::rdma_reject(id, ptr::null(), 0);
                         ibv::rdma_destroy_id(id);
                         continue;
@@ -1451,7 +1477,7 @@ pub async fn serve<H: Handler + 'static>(
                             },
                         )
                         .await;
-                    let data = private_data(node);
+                    let data = private_data(node, cluster.get());
                     let mut param = conn_param(&data);
                     if ibv::rdma_accept(id, &mut param) != 0 {
                         device.close_qp(&qp, TransportError::PeerClosed { peer });
@@ -1557,8 +1583,8 @@ mod tests {
 
     #[test]
     fn private_data_carries_node_and_version() {
-        let d = private_data(0x1234_5678_9abc);
-        assert_eq!(parse_private_data(&d).unwrap(), 0x1234_5678_9abc);
+        let d = private_data(0x1234_5678_9abc, 0xC1);
+        assert_eq!(parse_private_data(&d).unwrap(), (0x1234_5678_9abc, 0xC1));
         let mut newer = d;
         newer[8] = FRAME_VERSION + 1;
         assert!(parse_private_data(&newer).is_err());
@@ -1604,11 +1630,12 @@ mod tests {
                     device.clone(),
                     listen,
                     2,
+                    ClusterTag::default(),
                     Rc::new(super::super::Echo),
                     shutdown.clone(),
                 ));
                 glommio::timer::sleep(Duration::from_millis(100)).await;
-                let client = Rc::new(RdmaTransport::new(1, device.clone()));
+                let client = Rc::new(RdmaTransport::new(1, ClusterTag::default(), device.clone()));
                 client.set_peer(2, listen);
                 let m = |seq: u64, len: usize| Message {
                     op: 1,

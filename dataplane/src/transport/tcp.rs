@@ -8,8 +8,9 @@
 //!
 //! **Connecting.** A call that finds no live connection opens one (one attempt at a time per
 //! peer: concurrent callers wait for it), exchanges hello frames (so both ends know the other's
-//! node id, and a stale address that now leads to another node is refused as
-//! [`TransportError::WrongNode`]) and sets `TCP_NODELAY` (the writer already coalesces frames, so
+//! node id and cluster: a stale address that now leads to another node is refused as
+//! [`TransportError::WrongNode`], and one that leads to another cluster's node as
+//! [`TransportError::WrongCluster`], see [`ClusterTag`]) and sets `TCP_NODELAY` (the writer already coalesces frames, so
 //! Nagle would only add latency). A failed attempt starts a back-off that doubles from
 //! [`TcpConfig::backoff_min`] to [`TcpConfig::backoff_max`]; calls during the back-off fail at
 //! once with [`TransportError::Unreachable`] instead of piling connection attempts on a dead
@@ -47,7 +48,7 @@ use glommio::net::{Preallocated, TcpListener, TcpStream};
 use glommio::sync::Semaphore;
 
 use super::frame::{self, FIXED_LEN, Frame, FrameError, FrameKind, HEAD_LEN, RejectReason};
-use super::{Handler, Message, NodeId, Transport, TransportError};
+use super::{ClusterTag, Handler, Message, NodeId, Transport, TransportError};
 use crate::nbd::Shutdown;
 use crate::nbd::accept_connections;
 use crate::nbd::io::{LocalQueue, SharedStream, Signal};
@@ -238,14 +239,15 @@ async fn write_batch<S: AsyncRead + AsyncWrite + Unpin>(
     stream.flush().await
 }
 
-/// Sends our hello and reads the peer's, within `limit`.
+/// Sends our hello and reads the peer's (its node and cluster ids), within `limit`.
 async fn exchange_hello<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &SharedStream<S>,
     node: NodeId,
+    cluster: u64,
     limit: Duration,
-) -> Result<NodeId, ReadError> {
+) -> Result<(NodeId, u64), ReadError> {
     let exchange = async {
-        let hello = frame::hello(node);
+        let hello = frame::hello(node, cluster);
         let head = frame::encode_head(FrameKind::Hello, 0, &hello).map_err(frame_error)?;
         stream.write_all(&head).await?;
         stream.write_all(&hello.payload).await?;
@@ -368,6 +370,7 @@ impl Peer {
 
 struct Client {
     node: NodeId,
+    cluster: ClusterTag,
     config: TcpConfig,
     peers: RefCell<HashMap<NodeId, Rc<Peer>>>,
     shutdown: Signal,
@@ -380,12 +383,13 @@ pub struct TcpTransport {
 }
 
 impl TcpTransport {
-    /// A transport for node `node` with no peers yet.
-    pub fn new(node: NodeId, config: TcpConfig) -> Self {
+    /// A transport for node `node` of the cluster `cluster` names, with no peers yet.
+    pub fn new(node: NodeId, cluster: ClusterTag, config: TcpConfig) -> Self {
         config.check();
         TcpTransport {
             client: Rc::new(Client {
                 node,
+                cluster,
                 config,
                 peers: RefCell::new(HashMap::new()),
                 shutdown: Signal::new(),
@@ -505,14 +509,27 @@ impl Client {
         let stream = Rc::new(SharedStream::new(
             stream.buffered_with(Preallocated::new(RX_BUFFER_BYTES)),
         ));
-        let answered = match exchange_hello(&stream, self.node, self.config.connect_timeout).await {
-            Ok(node) => node,
+        let hello = exchange_hello(
+            &stream,
+            self.node,
+            self.cluster.get(),
+            self.config.connect_timeout,
+        );
+        let (answered, theirs) = match hello.await {
+            Ok(hello) => hello,
             Err(error) => return Err(read_error(peer.id, error)),
         };
         if answered != peer.id {
             return Err(TransportError::WrongNode {
                 peer: peer.id,
                 answered,
+            });
+        }
+        if !self.cluster.accepts(theirs) {
+            return Err(TransportError::WrongCluster {
+                peer: peer.id,
+                ours: self.cluster.get(),
+                theirs,
             });
         }
         let conn = Rc::new(Conn {
@@ -771,10 +788,12 @@ pub(crate) async fn connect_from(
 
 /// Answers requests to node `node` arriving on `listener` with `handler` until `shutdown` is
 /// triggered; then stops accepting, finishes the requests already being answered, closes every
-/// connection and returns.
+/// connection and returns. A peer whose hello names another cluster than `cluster` gets this
+/// node's hello (so it can tell why) and is refused.
 pub async fn serve<H: Handler + 'static>(
     listener: TcpListener,
     node: NodeId,
+    cluster: ClusterTag,
     handler: Rc<H>,
     config: TcpConfig,
     shutdown: Shutdown,
@@ -785,9 +804,10 @@ pub async fn serve<H: Handler + 'static>(
     let counts = summary.clone();
     accept_connections(listener, MAX_SERVER_CONNECTIONS, &shutdown, |stream| {
         let (handler, shutdown, summary) = (handler.clone(), shutdown.clone(), counts.clone());
+        let cluster = cluster.clone();
         async move {
             let (requests, refused) =
-                serve_connection(stream, node, handler, config, shutdown).await;
+                serve_connection(stream, node, cluster, handler, config, shutdown).await;
             let mut s = summary.get();
             s.connections += 1;
             s.requests += requests;
@@ -804,6 +824,7 @@ pub async fn serve<H: Handler + 'static>(
 async fn serve_connection<H: Handler + 'static>(
     stream: TcpStream,
     node: NodeId,
+    cluster: ClusterTag,
     handler: Rc<H>,
     config: TcpConfig,
     shutdown: Shutdown,
@@ -814,14 +835,15 @@ async fn serve_connection<H: Handler + 'static>(
     let stream = Rc::new(SharedStream::new(
         stream.buffered_with(Preallocated::new(RX_BUFFER_BYTES)),
     ));
-    let hello = async { Some(exchange_hello(&stream, node, config.connect_timeout).await) };
+    let hello =
+        async { Some(exchange_hello(&stream, node, cluster.get(), config.connect_timeout).await) };
     let stop = async {
         shutdown.wait().await;
         None
     };
     let from = match future::or(hello, stop).await {
-        Some(Ok(from)) => from,
-        Some(Err(ReadError::Frame { .. })) => return (0, true),
+        Some(Ok((from, theirs))) if cluster.accepts(theirs) => from,
+        Some(Ok(_)) | Some(Err(ReadError::Frame { .. })) => return (0, true),
         _ => return (0, false),
     };
     let out = Rc::new(LocalQueue::with_capacity(config.max_in_flight));

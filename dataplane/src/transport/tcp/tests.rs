@@ -52,11 +52,28 @@ impl Server {
         handler: Rc<H>,
         config: TcpConfig,
     ) -> Server {
+        Self::start_in(addr, node, ClusterTag::default(), handler, config)
+    }
+
+    fn start_in<H: Handler + 'static>(
+        addr: SocketAddr,
+        node: NodeId,
+        cluster: ClusterTag,
+        handler: Rc<H>,
+        config: TcpConfig,
+    ) -> Server {
         let listener = TcpListener::bind(addr).expect("bind");
         let addr = listener.local_addr().unwrap();
         let shutdown = Shutdown::new();
-        let task =
-            glommio::spawn_local(serve(listener, node, handler, config, shutdown.clone())).detach();
+        let task = glommio::spawn_local(serve(
+            listener,
+            node,
+            cluster,
+            handler,
+            config,
+            shutdown.clone(),
+        ))
+        .detach();
         Server {
             addr,
             shutdown,
@@ -71,7 +88,7 @@ impl Server {
 }
 
 fn client(node: NodeId, peer: NodeId, addr: SocketAddr, config: TcpConfig) -> Rc<TcpTransport> {
-    let t = Rc::new(TcpTransport::new(node, config));
+    let t = Rc::new(TcpTransport::new(node, ClusterTag::default(), config));
     t.set_peer(peer, addr);
     t
 }
@@ -315,6 +332,52 @@ fn wrong_node_at_the_address_is_refused() {
     });
 }
 
+/// Node 2 of another cluster at the address: refused by both ends (the caller learns why), while
+/// a side that does not know its cluster yet talks to anyone.
+#[test]
+fn a_node_of_another_cluster_is_refused() {
+    run(async {
+        let any = "127.0.0.1:0".parse().unwrap();
+        let server = Server::start_in(any, 2, ClusterTag::new(0xB), Rc::new(Echo), quick());
+        let ours = ClusterTag::new(0xA);
+        let c = Rc::new(TcpTransport::new(1, ours.clone(), quick()));
+        c.set_peer(2, server.addr);
+        let err = c.call(2, msg(1, 1)).await.unwrap_err();
+        assert!(
+            matches!(
+                err,
+                TransportError::WrongCluster {
+                    peer: 2,
+                    ours: 0xA,
+                    theirs: 0xB
+                }
+            ),
+            "{err:?}"
+        );
+        // The server refused its end too (it does not rely on the caller giving up).
+        let unknown = client(1, 2, server.addr, quick());
+        assert_eq!(unknown.call(2, msg(2, 1)).await.unwrap(), msg(2, 1));
+        // A caller that learns it is in cluster B is answered (after its back-off).
+        ours.set(0xB);
+        let mut tries = 0;
+        let answered = loop {
+            match c.call(2, msg(3, 1)).await {
+                Err(TransportError::Unreachable { .. } | TransportError::WrongCluster { .. })
+                    if tries < 100 =>
+                {
+                    tries += 1;
+                    glommio::timer::sleep(Duration::from_millis(10)).await;
+                }
+                other => break other,
+            }
+        };
+        assert_eq!(answered.unwrap(), msg(3, 1));
+        let summary = server.stop().await;
+        assert_eq!(summary.refused, 1, "{summary:?}");
+        assert_eq!(summary.requests, 2);
+    });
+}
+
 #[test]
 fn too_large_is_refused_before_sending() {
     run(async {
@@ -370,8 +433,8 @@ where
         let mut s = listener.accept().await.unwrap();
         let hello = read_raw(&mut s).await.unwrap();
         assert_eq!(hello.kind, FrameKind::Hello);
-        assert_eq!(frame::hello_node(&hello.message), Some(1));
-        s.write_all(&raw_frame(FrameKind::Hello, 0, &frame::hello(2)))
+        assert_eq!(frame::hello_node(&hello.message), Some((1, 0)));
+        s.write_all(&raw_frame(FrameKind::Hello, 0, &frame::hello(2, 0)))
             .await
             .unwrap();
         script(s).await;
@@ -417,11 +480,11 @@ fn corrupt_or_unsupported_requests_are_rejected_and_the_connection_closed() {
         let server = Server::start(2, Rc::new(Echo), quick());
         let connect = || async {
             let mut s = TcpStream::connect(server.addr).await.unwrap();
-            s.write_all(&raw_frame(FrameKind::Hello, 0, &frame::hello(9)))
+            s.write_all(&raw_frame(FrameKind::Hello, 0, &frame::hello(9, 0)))
                 .await
                 .unwrap();
             let hello = read_raw(&mut s).await.unwrap();
-            assert_eq!(frame::hello_node(&hello.message), Some(2));
+            assert_eq!(frame::hello_node(&hello.message), Some((2, 0)));
             s
         };
 
