@@ -159,6 +159,25 @@ pub enum OplogError {
         /// Vdisk id.
         vdisk: u64,
     },
+    /// A batch found at recovery is damaged (unreadable, or its data fails its checksums), but
+    /// the batch after it is on the device: the damaged one was complete, and acknowledged, so
+    /// it is not a write cut short by a crash. The oplog refuses to open rather than drop it
+    /// and every later batch.
+    #[error(
+        "oplog of vdisk {vdisk}: batch {seq} at extent group {egid:#x} slice {slice} is \
+         damaged, and batch {} after it shows it was acknowledged: refusing to open without it",
+        seq + 1
+    )]
+    Corrupt {
+        /// Vdisk id.
+        vdisk: u64,
+        /// The damaged batch.
+        seq: u64,
+        /// Where it is.
+        egid: ExtentGroupId,
+        /// Its first slice.
+        slice: u32,
+    },
 }
 
 /// The batch being filled by writers.
@@ -259,6 +278,43 @@ struct Header {
     entries: Vec<(EntryInfo, u32)>,
 }
 
+/// Whether slice `slice` of `egid` holds a valid header of batch `seq` of `vdisk`.
+async fn find_batch_at<D: BlockDevice>(
+    store: &BlockStore<D>,
+    egid: ExtentGroupId,
+    slice: u32,
+    vdisk: u64,
+    uuid: u128,
+    seq: u64,
+) -> bool {
+    let mut header = DmaBuf::new(BLOCK_BYTES);
+    store.read_slices(egid, slice, &mut header).await.is_ok()
+        && decode_header(&header, vdisk, uuid).is_some_and(|h| h.seq == seq)
+}
+
+/// The first slice of `egid` from `from` on, within one batch's length, that holds a valid
+/// header of batch `seq`. Only slices written since the extent group was allocated are read (at
+/// the end of the log there are usually none).
+async fn find_batch<D: BlockDevice>(
+    store: &BlockStore<D>,
+    egid: ExtentGroupId,
+    from: u32,
+    vdisk: u64,
+    uuid: u128,
+    seq: u64,
+) -> Option<u32> {
+    let written = store.slice_crcs(egid)?;
+    let end = (from + 1 + MAX_BATCH_DATA_BLOCKS).min(written.len() as u32);
+    for slice in from..end {
+        if written[slice as usize].is_some()
+            && find_batch_at(store, egid, slice, vdisk, uuid, seq).await
+        {
+            return Some(slice);
+        }
+    }
+    None
+}
+
 fn decode_header(b: &[u8], vdisk: u64, uuid: u128) -> Option<Header> {
     if b[0..8] != MAGIC
         || rd_u32(b, 8) != VERSION
@@ -346,12 +402,53 @@ impl<D: BlockDevice> Oplog<D> {
             }
             let mut slice = 0;
             let mut eg_last = None;
+            let next_egid = mine
+                .iter()
+                .position(|&e| e == egid)
+                .and_then(|i| mine.get(i + 1).copied());
             while slice < slices_per_egroup {
-                if store.read_slices(egid, slice, &mut header).await.is_err() {
-                    break;
-                }
-                let Some(h) = decode_header(&header, vdisk, uuid) else {
-                    break;
+                let h = if store.read_slices(egid, slice, &mut header).await.is_ok() {
+                    decode_header(&header, vdisk, uuid)
+                } else {
+                    None
+                };
+                let Some(h) = h else {
+                    // No batch here: the end of the log, or a damaged header. Only the batch
+                    // being written at a crash can be cut short, and it has no successor; if
+                    // the expected batch's successor is on the device, this one was complete.
+                    let Some(k) = expected else { break };
+                    let found = find_batch(&store, egid, slice + 1, vdisk, uuid, k + 1).await;
+                    let next = match next_egid {
+                        Some(n) if found.is_none() => {
+                            find_batch_at(&store, n, 0, vdisk, uuid, k + 1)
+                                .await
+                                .then_some(())
+                        }
+                        _ => None,
+                    };
+                    if found.is_none() && next.is_none() {
+                        break;
+                    }
+                    if k > drained_seq {
+                        return Err(OplogError::Corrupt {
+                            vdisk,
+                            seq: k,
+                            egid,
+                            slice,
+                        });
+                    }
+                    // Drained already: its data is in the extent store; go on after it (this
+                    // extent group stays, freed with the other drained ones below).
+                    expected = Some(k + 1);
+                    eg_last = Some(k);
+                    last_seq = last_seq.max(k);
+                    match found {
+                        Some(at) => {
+                            slice = at;
+                            continue;
+                        }
+                        None => break,
+                    }
                 };
                 if expected.is_some_and(|e| h.seq != e)
                     || slice + 1 + h.data_slices > slices_per_egroup
@@ -361,18 +458,44 @@ impl<D: BlockDevice> Oplog<D> {
                 // Verify the batch's data before believing it.
                 if h.data_slices > 0 {
                     let mut data = DmaBuf::new(h.data_slices as usize * BLOCK_BYTES);
-                    if store.read_slices(egid, slice + 1, &mut data).await.is_err() {
-                        break;
-                    }
+                    let mut ok = store.read_slices(egid, slice + 1, &mut data).await.is_ok();
                     let mut off = 0;
-                    let mut ok = true;
                     for (e, crc) in h.entries.iter().filter(|(e, _)| !e.zero) {
                         let len = e.blocks as usize * BLOCK_BYTES;
                         ok &= crc32c::crc32c(&data[off..off + len]) == *crc;
                         off += len;
                     }
                     if !ok {
-                        break;
+                        // Cut short by a crash (nothing after it), or damaged since (its
+                        // successor is where the writer put it: right after it, or at the
+                        // start of the next extent group when it did not fit).
+                        let after = slice + 1 + h.data_slices;
+                        let successor = if after < slices_per_egroup
+                            && find_batch_at(&store, egid, after, vdisk, uuid, h.seq + 1).await
+                        {
+                            true
+                        } else if let Some(n) = next_egid {
+                            find_batch_at(&store, n, 0, vdisk, uuid, h.seq + 1).await
+                        } else {
+                            false
+                        };
+                        if !successor {
+                            break;
+                        }
+                        if h.seq > drained_seq {
+                            return Err(OplogError::Corrupt {
+                                vdisk,
+                                seq: h.seq,
+                                egid,
+                                slice,
+                            });
+                        }
+                        // Drained already: not needed; go on after it.
+                        expected = Some(h.seq + 1);
+                        eg_last = Some(h.seq);
+                        last_seq = last_seq.max(h.seq);
+                        slice = after;
+                        continue;
                     }
                 }
                 expected = Some(h.seq + 1);

@@ -778,3 +778,109 @@ fn the_scrub_slows_down_while_the_host_does_io() {
         .join()
         .unwrap();
 }
+
+/// Bit rot in an oplog batch that later batches follow is damage, not a write cut short by a
+/// crash: recovery refuses to open (naming the batch) instead of dropping it and everything
+/// after it, unless the batch was drained already (then it is not needed and recovery goes on).
+/// A damaged last batch is indistinguishable from a torn write and is dropped, as before.
+#[test]
+fn damage_in_the_middle_of_the_oplog_is_refused_not_truncated() {
+    block_on(async {
+        let dev = formatted_mem_device().await;
+        let store = Rc::new(BlockStore::open(dev.clone()).await.unwrap());
+        let oplog = oplog::Oplog::recover(store.clone(), 1, 0, 16 << 20)
+            .await
+            .unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(31);
+        let blocks: Vec<Vec<u8>> = (0..6).map(|_| fill(&mut rng, 4096)).collect();
+        for (i, b) in blocks.iter().enumerate() {
+            oplog.append(i as u64 * 8, 1, Some(b)).await.unwrap();
+        }
+        let batches = oplog.batches_to_drain(u32::MAX);
+        assert_eq!(batches.len(), 6, "one batch per append");
+        drop(oplog);
+        // Device offset of byte `at` of slice `slice` of `egid`.
+        let byte_of = |egid, slice: u32, at: u64| {
+            store
+                .egroups()
+                .iter()
+                .find(|e| e.egid == egid)
+                .unwrap()
+                .offset
+                + u64::from(slice) * 4096
+                + at
+        };
+        let flip = |offset: u64| {
+            let mut b = [0u8; 1];
+            dev.peek(offset, &mut b);
+            dev.poke(offset, &[b[0] ^ 0x10]);
+        };
+        let reopen = |drained: u64| {
+            let store = store.clone();
+            async move { oplog::Oplog::recover(store, 1, drained, 16 << 20).await }
+        };
+        // The data of batch 3 (of 6), then its header: refused either way, naming batch 3.
+        let third = &batches[2];
+        for (slice, what) in [(third.data_slice, "data"), (third.data_slice - 1, "header")] {
+            let at = byte_of(third.egid, slice, 100);
+            flip(at);
+            match reopen(0).await {
+                Err(OplogError::Corrupt { vdisk: 1, seq, .. }) => {
+                    assert_eq!(seq, third.seq, "damaged {what}")
+                }
+                Err(e) => panic!("damaged {what}: {e}"),
+                Ok(_) => panic!(
+                    "damaged {what}: the oplog opened without batch {}",
+                    third.seq
+                ),
+            }
+            // Drained up to batch 3: it is not needed, and every later batch is recovered.
+            let o = reopen(third.seq).await.unwrap();
+            let kept: Vec<u64> = o.batches_to_drain(u32::MAX).iter().map(|b| b.seq).collect();
+            assert_eq!(kept, batches[3..].iter().map(|b| b.seq).collect::<Vec<_>>());
+            for (i, b) in blocks.iter().enumerate().skip(3) {
+                let loc = o.lookup(i as u64 * 8).unwrap();
+                let mut out = blockstore::DmaBuf::new(4096);
+                o.read(loc.egid, loc.slice.unwrap(), &mut out)
+                    .await
+                    .unwrap();
+                assert!(out[..] == b[..], "block {i}");
+            }
+            drop(o);
+            flip(at);
+        }
+        // The last batch damaged: a torn write as far as anyone can tell; the rest is there.
+        let last = batches.last().unwrap();
+        flip(byte_of(last.egid, last.data_slice, 7));
+        let o = reopen(0).await.unwrap();
+        let kept: Vec<u64> = o.batches_to_drain(u32::MAX).iter().map(|b| b.seq).collect();
+        assert_eq!(kept, batches[..5].iter().map(|b| b.seq).collect::<Vec<_>>());
+        flip(byte_of(last.egid, last.data_slice, 7));
+        // Across extent groups: 256 KiB batches, 15 to a 4 MiB extent group; the header of the
+        // last batch of the first group damaged, its successor at the start of the next.
+        for i in 0..20u64 {
+            let data = fill(&mut rng, 64 * 4096);
+            o.append(1000 + i * 64, 64, Some(&data)).await.unwrap();
+        }
+        let all = o.batches_to_drain(u32::MAX);
+        drop(o);
+        let edge = all
+            .windows(2)
+            .find(|w| w[0].egid != w[1].egid && w[0].seq > batches[5].seq)
+            .map(|w| w[0].clone())
+            .expect("a batch that ends an extent group");
+        flip(byte_of(edge.egid, edge.data_slice - 1, 40));
+        assert!(matches!(
+            reopen(0).await,
+            Err(OplogError::Corrupt { seq, .. }) if seq == edge.seq
+        ));
+        let o = reopen(edge.seq).await.unwrap();
+        let after: Vec<u64> = all
+            .iter()
+            .map(|b| b.seq)
+            .filter(|&q| q > edge.seq)
+            .collect();
+        let kept: Vec<u64> = o.batches_to_drain(u32::MAX).iter().map(|b| b.seq).collect();
+        assert_eq!(kept, after, "every batch after the drained, damaged one");
+    });
+}
