@@ -18,6 +18,7 @@
 //! pin_cores = true            # pin executor i to CPU i (false: several nodes on one machine)
 //! cache_size = "256MiB"       # unified read cache of the node (split between its cores)
 //! oplog_cap = "6GiB"          # per vdisk
+//! drain_delay_ms = 500        # a drain waits this long for writes to accumulate (or 16 MiB)
 //! disk_io_timeout_secs = 30   # an I/O in flight this long takes its disk offline
 //! disk_readmit_after_secs = 60 # an offline disk is validated and re-admitted after this
 //! disk_offline_limit = 3      # offline this many times within an hour: it stays offline
@@ -208,6 +209,10 @@ pub struct NodeConfig {
     /// Oplog cap per vdisk.
     #[serde(default = "default_oplog_cap")]
     pub oplog_cap: Size,
+    /// How long a drain cycle waits for writes to accumulate in the oplog (milliseconds; it
+    /// starts sooner once 16 MiB or half the cap is waiting).
+    #[serde(default = "default_drain_delay")]
+    pub drain_delay_ms: u64,
     /// An I/O in flight this long takes its disk offline (seconds).
     #[serde(default = "default_disk_io_timeout")]
     pub disk_io_timeout_secs: u64,
@@ -264,6 +269,9 @@ fn default_cache() -> Size {
 }
 fn default_oplog_cap() -> Size {
     Size(dataplane::vdisk::DEFAULT_OPLOG_CAP_BYTES)
+}
+fn default_drain_delay() -> u64 {
+    dataplane::vdisk::DRAIN_DELAY.as_millis() as u64
 }
 fn default_disk_io_timeout() -> u64 {
     blockstore::health::DEFAULT_IO_TIMEOUT.as_secs()
@@ -337,6 +345,7 @@ impl NodeConfig {
             pin_cores: true,
             cache_size: default_cache(),
             oplog_cap: default_oplog_cap(),
+            drain_delay_ms: default_drain_delay(),
             disk_io_timeout_secs: default_disk_io_timeout(),
             disk_readmit_after_secs: default_disk_readmit_after(),
             disk_offline_limit: default_disk_offline_limit(),

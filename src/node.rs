@@ -44,8 +44,8 @@ use dataplane::mesh::{CoreTarget, Mesh, RemoteTarget};
 use dataplane::metadata::{Expect, MetaError, MetaOp, MetadataStore};
 use dataplane::nbd;
 use dataplane::target::{ExportInfo, Exports};
-use dataplane::vdisk::oplog::vdisk_of_egroup;
-use dataplane::vdisk::{Vdisk, VdiskConfig, purge};
+use dataplane::vdisk::oplog::{OplogError, vdisk_of_egroup};
+use dataplane::vdisk::{OpenError, Vdisk, VdiskConfig, purge};
 use futures_lite::AsyncReadExt;
 use glommio::{LocalExecutorBuilder, Placement};
 use pb::cluster_service_client::ClusterServiceClient;
@@ -806,6 +806,7 @@ impl CoreVdisks {
     async fn open_vdisk(&self, v: &VdiskRecord, store: Rc<Store>) -> Result<Rc<Disk>> {
         let vcfg = VdiskConfig {
             oplog_cap_bytes: self.setup.cfg.oplog_cap.0,
+            drain_delay: Duration::from_millis(self.setup.cfg.drain_delay_ms),
             ..VdiskConfig::new(v.vdisk_id, &v.name, v.size_bytes)
         };
         Vdisk::open(store, self.meta.clone(), self.cache.clone(), vcfg)
@@ -832,11 +833,16 @@ impl CoreVdisks {
         self.exports.local.borrow_mut().insert(id, vd);
     }
 
-    /// Opens a replicated vdisk this node owns (`rec`, at `version`): chooses its replicas,
-    /// raises the epoch with no replica recorded, makes each replica a whole copy (compared
-    /// where the replica kept one: [`Vdisk::set_mirror`]), then records
-    /// them. The record names only complete copies, so a takeover never starts from a partial
-    /// one.
+    /// Opens a replicated vdisk this node owns (`rec`, at `version`): recovers it from the
+    /// local device, chooses its replicas, raises the epoch with no replica recorded, makes each
+    /// replica a whole copy (compared where the replica kept one: [`Vdisk::set_mirror`]), then
+    /// records them. The record names only complete copies, so a takeover never starts from a
+    /// partial one.
+    ///
+    /// Recovery comes first, while the record still names the replicas: a local oplog that
+    /// refuses to open because an acknowledged batch is damaged ([`OplogError::Corrupt`]) has
+    /// good copies on the replicas, so the vdisk is released to them (as when a disk goes
+    /// offline) rather than the record dropping them and their copies being freed as surplus.
     async fn open_replicated(
         &self,
         v: &VdiskRecord,
@@ -847,23 +853,49 @@ impl CoreVdisks {
         view: &ConfigView,
     ) -> Result<()> {
         let id = v.vdisk_id;
-        let peers = self.choose_replicas(id, &rec, rf - 1, view).await?;
+        let vd = match self.open_vdisk(v, store).await {
+            Ok(vd) => vd,
+            Err(e) => {
+                let damaged = e.chain().any(|c| {
+                    matches!(
+                        c.downcast_ref::<OpenError>(),
+                        Some(OpenError::Oplog(OplogError::Corrupt { .. }))
+                    )
+                });
+                if damaged {
+                    let why = format!("{e:#}");
+                    self.release_to_replicas(id, &v.name, rec.device_uuid, &why)
+                        .await;
+                }
+                return Err(e);
+            }
+        };
         let key = Ownership::key(id);
         let mut own = Ownership {
             replicas: Vec::new(),
             epoch: rec.epoch + 1,
-            ..rec
+            ..rec.clone()
         };
-        let copying = self
-            .meta
-            .apply(vec![MetaOp::Put {
-                key: key.clone(),
-                value: own.encode(),
-                expect: Expect::Version(version),
-            }])
-            .await
-            .with_context(|| format!("vdisk {}: raising the ownership epoch", v.name))?;
-        let vd = self.open_vdisk(v, store).await?;
+        let raised = async {
+            let peers = self.choose_replicas(id, &rec, rf - 1, view).await?;
+            let copying = self
+                .meta
+                .apply(vec![MetaOp::Put {
+                    key: key.clone(),
+                    value: own.encode(),
+                    expect: Expect::Version(version),
+                }])
+                .await
+                .with_context(|| format!("vdisk {}: raising the ownership epoch", v.name))?;
+            anyhow::Ok((peers, copying))
+        };
+        let (peers, copying) = match raised.await {
+            Ok(r) => r,
+            Err(e) => {
+                vd.stop();
+                return Err(e);
+            }
+        };
         let set = ReplicaSet::new(self.transport.clone(), id, own.epoch, peers.clone());
         let copied = vd.set_mirror(set.mirror()).await;
         let (copied, batches) = match copied {
@@ -1187,7 +1219,6 @@ impl CoreVdisks {
     /// next epoch, which also fences anything of this node still in flight), so a replica
     /// takes each over at once. Replicas kept on it refuse their owners, which choose others.
     async fn disk_offline(&self, uuid: u128, reason: &str, events: u32, retired: bool) {
-        let me = self.setup.cfg.node_id;
         let path = self.disk_path(uuid);
         let next = if retired {
             "it stays offline until an operator replaces it".to_string()
@@ -1218,34 +1249,43 @@ impl CoreVdisks {
                 Some(vd) => vd.config().name.clone(),
                 None => id.to_string(),
             };
-            let key = Ownership::key(id);
-            let Ok(Some(found)) = self.meta.get(&key).await else {
-                continue;
-            };
-            let Ok(rec) = Ownership::decode(&found.value) else {
-                continue;
-            };
-            if rec.node_id != me || rec.device_uuid != uuid || rec.replicas.is_empty() {
-                continue; // not ours on this disk, or no copy elsewhere to serve it
-            }
-            let released = Ownership {
-                node_id: 0,
-                epoch: rec.epoch + 1,
-                ..rec.clone()
-            };
-            let put = MetaOp::Put {
-                key,
-                value: released.encode(),
-                expect: Expect::Version(found.version),
-            };
-            match self.meta.apply(vec![put]).await {
-                Ok(_) => println!(
-                    "cairn node: vdisk {name} released to its replicas {:?} at epoch {} (disk \
-                     {path} is offline)",
-                    rec.replicas, released.epoch
-                ),
-                Err(e) => self.report(id, format!("vdisk {name}: releasing it: {e}")),
-            }
+            let why = format!("disk {path} is offline");
+            self.release_to_replicas(id, &name, uuid, &why).await;
+        }
+    }
+
+    /// Releases vdisk `id`, served here from device `uuid`, to its replicas: its ownership
+    /// record without an owner, at the next epoch (which also fences anything of this node
+    /// still in flight), so that a replica takes it over at once ([`Self::claim_released`]).
+    /// Nothing happens if the record names another owner or device, or no replica.
+    async fn release_to_replicas(&self, id: u64, name: &str, uuid: u128, why: &str) {
+        let me = self.setup.cfg.node_id;
+        let key = Ownership::key(id);
+        let Ok(Some(found)) = self.meta.get(&key).await else {
+            return;
+        };
+        let Ok(rec) = Ownership::decode(&found.value) else {
+            return;
+        };
+        if rec.node_id != me || rec.device_uuid != uuid || rec.replicas.is_empty() {
+            return; // not ours on this device, or no copy elsewhere to serve it
+        }
+        let released = Ownership {
+            node_id: 0,
+            epoch: rec.epoch + 1,
+            ..rec.clone()
+        };
+        let put = MetaOp::Put {
+            key,
+            value: released.encode(),
+            expect: Expect::Version(found.version),
+        };
+        match self.meta.apply(vec![put]).await {
+            Ok(_) => println!(
+                "cairn node: vdisk {name} released to its replicas {:?} at epoch {} ({why})",
+                rec.replicas, released.epoch
+            ),
+            Err(e) => self.report(id, format!("vdisk {name}: releasing it: {e}")),
         }
     }
 

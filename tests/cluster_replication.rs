@@ -844,6 +844,83 @@ fn rf2_survives_the_loss_of_the_owner_and_of_a_replica() {
     );
 }
 
+/// Bit rot in the owner's oplog, in an acknowledged batch that later batches follow, found when
+/// the whole cluster restarts (kill -9 of every node): the owner's oplog refuses to open rather
+/// than drop the batch, the owner releases vd0 to its replica, and the replica serves every
+/// acknowledged block. The drain is held off, so the blocks are in the oplogs only.
+#[test]
+fn a_damaged_oplog_on_the_owner_is_handed_to_the_replica() {
+    use std::io::{Seek, SeekFrom, Write};
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = cluster_with(
+        dir.path(),
+        &["127.0.0.1"; 3],
+        "drain_delay_ms = 600000\n",
+        VD0,
+    );
+    let owner = start_cluster(&mut nodes);
+    let addrs: Vec<String> = nodes.iter().map(|n| n.nbd.clone()).collect();
+    let tags: Vec<u64> = (0..4).map(|i| 0x0D06_0000 + i).collect();
+    let mut c = Client::connect_to(&nodes[owner].nbd, "vd0").unwrap();
+    for (i, &tag) in tags.iter().enumerate() {
+        // One at a time: each write is its own oplog batch.
+        c.request(CMD_WRITE, i as u64 * 8 * 4096, 4096, Some(&block(tag)))
+            .unwrap();
+    }
+    drop(c);
+    for n in nodes.iter_mut() {
+        n.kill9();
+    }
+    let path = nodes[owner].dir.join("data").join("dev0.img");
+    let want = block(tags[1]);
+    let at = copies_in(&path, &want);
+    assert_eq!(
+        at.len(),
+        1,
+        "the block is in the owner's oplog alone: {at:?}"
+    );
+    let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.seek(SeekFrom::Start(at[0])).unwrap();
+    f.write_all(&[want[100] ^ 0x20]).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    for n in nodes.iter_mut() {
+        n.start();
+    }
+    for n in nodes.iter() {
+        n.wait_ready(2);
+    }
+    nodes[owner].wait_log(
+        "released to its replicas",
+        "release vd0 to its replica after its oplog refused to open",
+    );
+    let log = nodes[owner].log();
+    assert!(
+        log.contains("is damaged"),
+        "no damaged batch reported:\n{log}"
+    );
+    let (addr, mut c) = connect_owner(&addrs, Duration::from_secs(60)).expect("vd0 is served");
+    let new_owner = nodes.iter().position(|n| n.nbd == addr).unwrap();
+    assert_ne!(
+        new_owner, owner,
+        "the node with the damaged oplog serves vd0"
+    );
+    for (i, &tag) in tags.iter().enumerate() {
+        let got = c
+            .request(CMD_READ, i as u64 * 8 * 4096, 4096, None)
+            .unwrap();
+        assert!(got == block(tag), "block {i} after the handover");
+    }
+    println!(
+        "damaged oplog: a byte of acknowledged batch 2 of 4 flipped on node {}'s device; it \
+         released vd0, node {} took it over from its copy and served all {} blocks",
+        nodes[owner].id,
+        nodes[new_owner].id,
+        tags.len()
+    );
+}
+
 /// The owner is cut off from the other two nodes (iptables on their addresses; hosts still
 /// reach it) in the middle of writes: it can acknowledge nothing more, a replica on the
 /// majority side takes vd0 over and serves it, and every acknowledged block reads back there.

@@ -80,6 +80,8 @@ pub struct VdiskConfig {
     pub oplog_cap_bytes: u64,
     /// Outstanding write bytes above which writes are sequential.
     pub sequential_outstanding_bytes: u64,
+    /// How long a drain cycle waits for writes to accumulate ([`DRAIN_DELAY`]).
+    pub drain_delay: std::time::Duration,
 }
 
 impl VdiskConfig {
@@ -91,6 +93,7 @@ impl VdiskConfig {
             size_bytes,
             oplog_cap_bytes: DEFAULT_OPLOG_CAP_BYTES,
             sequential_outstanding_bytes: SEQUENTIAL_OUTSTANDING_BYTES,
+            drain_delay: DRAIN_DELAY,
         }
     }
 }
@@ -591,7 +594,7 @@ impl<D: BlockDevice, M: MetadataStore> Vdisk<D, M> {
             // the oplog fills up.
             let first = std::time::Instant::now();
             while self.oplog.undrained_blocks() < DRAIN_TRIGGER_BLOCKS
-                && first.elapsed() < DRAIN_DELAY
+                && first.elapsed() < self.cfg.drain_delay
                 && self.oplog.held_bytes() < self.oplog.cap_bytes() / 2
                 && !self.stopping.get()
             {
