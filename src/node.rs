@@ -338,6 +338,9 @@ const STARTUP_SETTLE: Duration = Duration::from_secs(30);
 /// How long the owner of a replicated vdisk must stay silent (no answer to pings on its data
 /// port) before a replica takes the vdisk over.
 const FAILOVER_AFTER: Duration = Duration::from_secs(3);
+
+/// How long closing a vdisk waits for its drain to stop before leaving it behind.
+const DRAIN_STOP_WAIT: Duration = Duration::from_secs(5);
 /// How long a ping waits for its answer.
 const PING_TIMEOUT: Duration = Duration::from_millis(500);
 /// How long a record must leave this node's copy of a vdisk out before the copy is freed: an
@@ -1115,7 +1118,27 @@ impl CoreVdisks {
         vd.oplog().close();
         let drain = self.drains.borrow_mut().remove(&id);
         if let Some(drain) = drain {
-            drain.await;
+            // A drain waiting on a stuck device (the reason it went offline) never ends; it is
+            // left behind rather than cancelled (an I/O the kernel still owns cannot be taken
+            // back: cancelling it would block the core until the device answers), and ends
+            // itself if the device ever does.
+            let stuck = async {
+                glommio::timer::sleep(DRAIN_STOP_WAIT).await;
+                true
+            };
+            // Detached: dropping a glommio task would cancel it.
+            let drain = drain.detach();
+            let stopped = async {
+                drain.await;
+                false
+            };
+            if futures_lite::future::or(stopped, stuck).await {
+                eprintln!(
+                    "cairn node: vdisk {id}: its drain did not stop within {} s (an I/O on its \
+                     device is stuck); left behind",
+                    DRAIN_STOP_WAIT.as_secs()
+                );
+            }
         }
         self.mirrors.borrow_mut().remove(&id);
         self.served_on.borrow_mut().remove(&id);
