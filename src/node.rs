@@ -338,7 +338,6 @@ const STARTUP_SETTLE: Duration = Duration::from_secs(30);
 /// How long the owner of a replicated vdisk must stay silent (no answer to pings on its data
 /// port) before a replica takes the vdisk over.
 const FAILOVER_AFTER: Duration = Duration::from_secs(3);
-
 /// How long closing a vdisk waits for its drain to stop before leaving it behind.
 const DRAIN_STOP_WAIT: Duration = Duration::from_secs(5);
 /// How long a ping waits for its answer.

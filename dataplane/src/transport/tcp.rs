@@ -10,12 +10,13 @@
 //! peer: concurrent callers wait for it), exchanges hello frames (so both ends know the other's
 //! node id and cluster: a stale address that now leads to another node is refused as
 //! [`TransportError::WrongNode`], and one that leads to another cluster's node as
-//! [`TransportError::WrongCluster`], see [`ClusterTag`]) and sets `TCP_NODELAY` (the writer already coalesces frames, so
-//! Nagle would only add latency). A failed attempt starts a back-off that doubles from
-//! [`TcpConfig::backoff_min`] to [`TcpConfig::backoff_max`]; calls during the back-off fail at
-//! once with [`TransportError::Unreachable`] instead of piling connection attempts on a dead
-//! peer, which lets the replication layer pick another replica quickly. The first call after the
-//! back-off tries again, so a restarted peer is found without anyone re-registering it.
+//! [`TransportError::WrongCluster`], see [`ClusterTag`]) and sets `TCP_NODELAY` (the writer
+//! already coalesces frames, so Nagle would only add latency). A failed attempt starts a
+//! back-off that doubles from [`TcpConfig::backoff_min`] to [`TcpConfig::backoff_max`]; calls
+//! during the back-off fail at once with [`TransportError::Unreachable`] instead of piling
+//! connection attempts on a dead peer, which lets the replication layer pick another replica
+//! quickly. The first call after the back-off tries again, so a restarted peer is found without
+//! anyone re-registering it.
 //!
 //! **Back-pressure.** At most [`TcpConfig::max_in_flight`] calls per peer are outstanding; further
 //! callers wait for a slot (they do not fail). The server side answers at most as many requests

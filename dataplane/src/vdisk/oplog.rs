@@ -395,17 +395,14 @@ impl<D: BlockDevice> Oplog<D> {
         let mut stopped = false;
         let mut header = DmaBuf::new(BLOCK_BYTES);
         let mut to_free = Vec::new();
-        for &egid in &mine {
+        for (i, &egid) in mine.iter().enumerate() {
             if stopped {
                 to_free.push(egid);
                 continue;
             }
             let mut slice = 0;
             let mut eg_last = None;
-            let next_egid = mine
-                .iter()
-                .position(|&e| e == egid)
-                .and_then(|i| mine.get(i + 1).copied());
+            let next_egid = mine.get(i + 1).copied();
             while slice < slices_per_egroup {
                 let h = if store.read_slices(egid, slice, &mut header).await.is_ok() {
                     decode_header(&header, vdisk, uuid)
