@@ -278,38 +278,41 @@ struct Header {
     entries: Vec<(EntryInfo, u32)>,
 }
 
-/// Whether slice `slice` of `egid` holds a valid header of batch `seq` of `vdisk`.
-async fn find_batch_at<D: BlockDevice>(
+/// The sequence number of the valid batch header of `vdisk` at slice `slice` of `egid`, if
+/// there is one (and it is batch `seq`, when given).
+async fn batch_at<D: BlockDevice>(
     store: &BlockStore<D>,
     egid: ExtentGroupId,
     slice: u32,
     vdisk: u64,
     uuid: u128,
-    seq: u64,
-) -> bool {
+    seq: Option<u64>,
+) -> Option<u64> {
     let mut header = DmaBuf::new(BLOCK_BYTES);
-    store.read_slices(egid, slice, &mut header).await.is_ok()
-        && decode_header(&header, vdisk, uuid).is_some_and(|h| h.seq == seq)
+    store.read_slices(egid, slice, &mut header).await.ok()?;
+    let found = decode_header(&header, vdisk, uuid)?.seq;
+    seq.is_none_or(|s| s == found).then_some(found)
 }
 
 /// The first slice of `egid` from `from` on, within one batch's length, that holds a valid
-/// header of batch `seq`. Only slices written since the extent group was allocated are read (at
-/// the end of the log there are usually none).
+/// batch header (of batch `seq`, when given), and that batch's sequence number. Only slices
+/// written since the extent group was allocated are read (at the end of the log there are
+/// usually none), so nothing older than the extent group is taken for a batch.
 async fn find_batch<D: BlockDevice>(
     store: &BlockStore<D>,
     egid: ExtentGroupId,
     from: u32,
     vdisk: u64,
     uuid: u128,
-    seq: u64,
-) -> Option<u32> {
+    seq: Option<u64>,
+) -> Option<(u32, u64)> {
     let written = store.slice_crcs(egid)?;
     let end = (from + 1 + MAX_BATCH_DATA_BLOCKS).min(written.len() as u32);
     for slice in from..end {
         if written[slice as usize].is_some()
-            && find_batch_at(store, egid, slice, vdisk, uuid, seq).await
+            && let Some(found) = batch_at(store, egid, slice, vdisk, uuid, seq).await
         {
-            return Some(slice);
+            return Some((slice, found));
         }
     }
     None
@@ -412,20 +415,21 @@ impl<D: BlockDevice> Oplog<D> {
                 let Some(h) = h else {
                     // No batch here: the end of the log, or a damaged header. Only the batch
                     // being written at a crash can be cut short, and it has no successor; if
-                    // the expected batch's successor is on the device, this one was complete.
-                    let Some(k) = expected else { break };
-                    let found = find_batch(&store, egid, slice + 1, vdisk, uuid, k + 1).await;
-                    let next = match next_egid {
-                        Some(n) if found.is_none() => {
-                            find_batch_at(&store, n, 0, vdisk, uuid, k + 1)
-                                .await
-                                .then_some(())
-                        }
+                    // the expected batch's successor is on the device (any batch, for the
+                    // oldest one, whose number is not known yet), this one was complete.
+                    let successor = expected.map(|k| k + 1);
+                    let found = find_batch(&store, egid, slice + 1, vdisk, uuid, successor).await;
+                    let next = match (found, next_egid) {
+                        (None, Some(n)) => batch_at(&store, n, 0, vdisk, uuid, successor).await,
                         _ => None,
                     };
-                    if found.is_none() && next.is_none() {
+                    let Some(k) = found
+                        .map(|(_, q)| q)
+                        .or(next)
+                        .and_then(|q| q.checked_sub(1))
+                    else {
                         break;
-                    }
+                    };
                     if k > drained_seq {
                         return Err(OplogError::Corrupt {
                             vdisk,
@@ -440,7 +444,7 @@ impl<D: BlockDevice> Oplog<D> {
                     eg_last = Some(k);
                     last_seq = last_seq.max(k);
                     match found {
-                        Some(at) => {
+                        Some((at, _)) => {
                             slice = at;
                             continue;
                         }
@@ -467,12 +471,15 @@ impl<D: BlockDevice> Oplog<D> {
                         // successor is where the writer put it: right after it, or at the
                         // start of the next extent group when it did not fit).
                         let after = slice + 1 + h.data_slices;
+                        let next = Some(h.seq + 1);
                         let successor = if after < slices_per_egroup
-                            && find_batch_at(&store, egid, after, vdisk, uuid, h.seq + 1).await
+                            && batch_at(&store, egid, after, vdisk, uuid, next)
+                                .await
+                                .is_some()
                         {
                             true
                         } else if let Some(n) = next_egid {
-                            find_batch_at(&store, n, 0, vdisk, uuid, h.seq + 1).await
+                            batch_at(&store, n, 0, vdisk, uuid, next).await.is_some()
                         } else {
                             false
                         };

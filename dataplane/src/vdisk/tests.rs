@@ -849,6 +849,19 @@ fn damage_in_the_middle_of_the_oplog_is_refused_not_truncated() {
             drop(o);
             flip(at);
         }
+        // The oldest batch's header: its number is not known, but its successor's is.
+        let first = &batches[0];
+        let at = byte_of(first.egid, first.data_slice - 1, 50);
+        flip(at);
+        assert!(matches!(
+            reopen(0).await,
+            Err(OplogError::Corrupt { seq, .. }) if seq == first.seq
+        ));
+        let o = reopen(first.seq).await.unwrap();
+        let kept: Vec<u64> = o.batches_to_drain(u32::MAX).iter().map(|b| b.seq).collect();
+        assert_eq!(kept, batches[1..].iter().map(|b| b.seq).collect::<Vec<_>>());
+        drop(o);
+        flip(at);
         // The last batch damaged: a torn write as far as anyone can tell; the rest is there.
         let last = batches.last().unwrap();
         flip(byte_of(last.egid, last.data_slice, 7));
