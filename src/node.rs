@@ -338,6 +338,12 @@ const STARTUP_SETTLE: Duration = Duration::from_secs(30);
 /// How long the owner of a replicated vdisk must stay silent (no answer to pings on its data
 /// port) before a replica takes the vdisk over.
 const FAILOVER_AFTER: Duration = Duration::from_secs(3);
+/// The id a cluster record's id string gives the transport's [`ClusterTag`]: a hash of it,
+/// never 0 (which means "not known yet").
+fn cluster_tag_id(cluster_id: &str) -> u64 {
+    controlplane::ring::ring_hash(cluster_id.as_bytes()).max(1)
+}
+
 /// How long closing a vdisk waits for its drain to stop before leaving it behind.
 const DRAIN_STOP_WAIT: Duration = Duration::from_secs(5);
 /// How long a ping waits for its answer.
@@ -1439,7 +1445,7 @@ impl CoreVdisks {
     /// Gives `transport` the data addresses of the nodes in `view`.
     fn update_peers(&self, view: &ConfigView) {
         if let Some(c) = &view.cluster {
-            self.cluster.set(ClusterTag::id_of(&c.cluster_id));
+            self.cluster.set(cluster_tag_id(&c.cluster_id));
         }
         for n in &view.nodes {
             let r = &n.record;
@@ -1798,7 +1804,7 @@ async fn run_core(
     // reconcile on a node that formed or already joined the cluster).
     let cluster = ClusterTag::default();
     if let Some(c) = &setup.view.borrow().cluster {
-        cluster.set(ClusterTag::id_of(&c.cluster_id));
+        cluster.set(cluster_tag_id(&c.cluster_id));
     }
     let transport = Rc::new(TcpTransport::new(node_id, cluster.clone(), tcp));
     // Core 0 keeps the replicas of other nodes' vdisks, on its first device.

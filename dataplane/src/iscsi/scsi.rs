@@ -533,9 +533,14 @@ impl LuShared {
         if known == 0 || known == bytes {
             return;
         }
-        let mut ua = self.unit_attentions.borrow_mut();
-        for nexus in self.nexuses.borrow().iter() {
-            ua.push((nexus.clone(), Sense::CAPACITY_CHANGED));
+        self.raise_all(None, Sense::CAPACITY_CHANGED);
+    }
+
+    /// [`Self::raise`] for every I_T nexus with a session but `except`.
+    fn raise_all(&self, except: Option<&Nexus>, sense: Sense) {
+        let nexuses = self.nexuses.borrow().clone();
+        for n in nexuses.iter().filter(|n| Some(*n) != except) {
+            self.raise(n, sense);
         }
     }
 
@@ -1528,17 +1533,8 @@ fn mode_select<T>(lu: &Lu<T>, nexus: &Nexus, cdb: &[u8; 16], data_out: &[u8]) ->
     }
     if lu.shared.wce.replace(new_wce) != new_wce {
         // The caching page is shared by every I_T nexus: the others are told (SPC-5 6.15).
-        let others: Vec<Nexus> = lu
-            .shared
-            .nexuses
-            .borrow()
-            .iter()
-            .filter(|n| *n != nexus)
-            .cloned()
-            .collect();
-        for n in &others {
-            lu.shared.raise(n, Sense::MODE_PARAMETERS_CHANGED);
-        }
+        lu.shared
+            .raise_all(Some(nexus), Sense::MODE_PARAMETERS_CHANGED);
     }
     Ok(Vec::new())
 }

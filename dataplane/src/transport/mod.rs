@@ -160,18 +160,6 @@ impl ClusterTag {
         self.0.get()
     }
 
-    /// The cluster id of a cluster record's id string: its hex value when it is one, else a
-    /// hash of it; never 0.
-    pub fn id_of(cluster_id: &str) -> u64 {
-        let id = u64::from_str_radix(cluster_id, 16).unwrap_or_else(|_| {
-            // FNV-1a.
-            cluster_id.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-                (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-            })
-        });
-        id.max(1)
-    }
-
     /// Whether a peer naming cluster `theirs` may talk to this node.
     pub fn accepts(&self, theirs: u64) -> bool {
         let ours = self.get();

@@ -240,6 +240,13 @@ async fn write_batch<S: AsyncRead + AsyncWrite + Unpin>(
     stream.flush().await
 }
 
+/// A connection's stream, read through a [`RX_BUFFER_BYTES`] buffer.
+fn framed(stream: TcpStream) -> Rc<SharedStream<TcpStream<Preallocated>>> {
+    Rc::new(SharedStream::new(
+        stream.buffered_with(Preallocated::new(RX_BUFFER_BYTES)),
+    ))
+}
+
 /// Sends our hello and reads the peer's (its node and cluster ids), within `limit`.
 async fn exchange_hello<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &SharedStream<S>,
@@ -507,9 +514,7 @@ impl Client {
         stream
             .set_nodelay(true)
             .map_err(|e| unreachable(e.into()))?;
-        let stream = Rc::new(SharedStream::new(
-            stream.buffered_with(Preallocated::new(RX_BUFFER_BYTES)),
-        ));
+        let stream = framed(stream);
         let hello = exchange_hello(
             &stream,
             self.node,
@@ -833,9 +838,7 @@ async fn serve_connection<H: Handler + 'static>(
     if stream.set_nodelay(true).is_err() {
         return (0, false);
     }
-    let stream = Rc::new(SharedStream::new(
-        stream.buffered_with(Preallocated::new(RX_BUFFER_BYTES)),
-    ));
+    let stream = framed(stream);
     let hello =
         async { Some(exchange_hello(&stream, node, cluster.get(), config.connect_timeout).await) };
     let stop = async {

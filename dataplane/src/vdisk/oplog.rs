@@ -278,44 +278,42 @@ struct Header {
     entries: Vec<(EntryInfo, u32)>,
 }
 
-/// The sequence number of the valid batch header of `vdisk` at slice `slice` of `egid`, if
-/// there is one (and it is batch `seq`, when given).
-async fn batch_at<D: BlockDevice>(
-    store: &BlockStore<D>,
-    egid: ExtentGroupId,
-    slice: u32,
+/// Looks for batch headers of one vdisk's oplog on its device, at recovery.
+struct Probe<'a, D: BlockDevice> {
+    store: &'a BlockStore<D>,
     vdisk: u64,
     uuid: u128,
-    seq: Option<u64>,
-) -> Option<u64> {
-    let mut header = DmaBuf::new(BLOCK_BYTES);
-    store.read_slices(egid, slice, &mut header).await.ok()?;
-    let found = decode_header(&header, vdisk, uuid)?.seq;
-    seq.is_none_or(|s| s == found).then_some(found)
 }
 
-/// The first slice of `egid` from `from` on, within one batch's length, that holds a valid
-/// batch header (of batch `seq`, when given), and that batch's sequence number. Only slices
-/// written since the extent group was allocated are read (at the end of the log there are
-/// usually none), so nothing older than the extent group is taken for a batch.
-async fn find_batch<D: BlockDevice>(
-    store: &BlockStore<D>,
-    egid: ExtentGroupId,
-    from: u32,
-    vdisk: u64,
-    uuid: u128,
-    seq: Option<u64>,
-) -> Option<(u32, u64)> {
-    let written = store.slice_crcs(egid)?;
-    let end = (from + 1 + MAX_BATCH_DATA_BLOCKS).min(written.len() as u32);
-    for slice in from..end {
-        if written[slice as usize].is_some()
-            && let Some(found) = batch_at(store, egid, slice, vdisk, uuid, seq).await
-        {
-            return Some((slice, found));
-        }
+impl<D: BlockDevice> Probe<'_, D> {
+    /// The sequence number of the valid batch header at slice `slice` of `egid`, if there is
+    /// one (and it is batch `seq`, when given).
+    async fn at(&self, egid: ExtentGroupId, slice: u32, seq: Option<u64>) -> Option<u64> {
+        let mut header = DmaBuf::new(BLOCK_BYTES);
+        self.store
+            .read_slices(egid, slice, &mut header)
+            .await
+            .ok()?;
+        let found = decode_header(&header, self.vdisk, self.uuid)?.seq;
+        seq.is_none_or(|s| s == found).then_some(found)
     }
-    None
+
+    /// The first slice of `egid` from `from` on, within one batch's length, that holds a valid
+    /// batch header (of batch `seq`, when given), and that batch's sequence number. Only slices
+    /// written since the extent group was allocated are read (at the end of the log there are
+    /// usually none), so nothing older than the extent group is taken for a batch.
+    async fn find(&self, egid: ExtentGroupId, from: u32, seq: Option<u64>) -> Option<(u32, u64)> {
+        let written = self.store.slice_crcs(egid)?;
+        let end = (from + 1 + MAX_BATCH_DATA_BLOCKS).min(written.len() as u32);
+        for slice in from..end {
+            if written[slice as usize].is_some()
+                && let Some(found) = self.at(egid, slice, seq).await
+            {
+                return Some((slice, found));
+            }
+        }
+        None
+    }
 }
 
 fn decode_header(b: &[u8], vdisk: u64, uuid: u128) -> Option<Header> {
@@ -398,6 +396,11 @@ impl<D: BlockDevice> Oplog<D> {
         let mut stopped = false;
         let mut header = DmaBuf::new(BLOCK_BYTES);
         let mut to_free = Vec::new();
+        let probe = Probe {
+            store: &store,
+            vdisk,
+            uuid,
+        };
         for (i, &egid) in mine.iter().enumerate() {
             if stopped {
                 to_free.push(egid);
@@ -418,9 +421,9 @@ impl<D: BlockDevice> Oplog<D> {
                     // the expected batch's successor is on the device (any batch, for the
                     // oldest one, whose number is not known yet), this one was complete.
                     let successor = expected.map(|k| k + 1);
-                    let found = find_batch(&store, egid, slice + 1, vdisk, uuid, successor).await;
+                    let found = probe.find(egid, slice + 1, successor).await;
                     let next = match (found, next_egid) {
-                        (None, Some(n)) => batch_at(&store, n, 0, vdisk, uuid, successor).await,
+                        (None, Some(n)) => probe.at(n, 0, successor).await,
                         _ => None,
                     };
                     let Some(k) = found
@@ -472,17 +475,16 @@ impl<D: BlockDevice> Oplog<D> {
                         // start of the next extent group when it did not fit).
                         let after = slice + 1 + h.data_slices;
                         let next = Some(h.seq + 1);
-                        let successor = if after < slices_per_egroup
-                            && batch_at(&store, egid, after, vdisk, uuid, next)
-                                .await
-                                .is_some()
-                        {
-                            true
-                        } else if let Some(n) = next_egid {
-                            batch_at(&store, n, 0, vdisk, uuid, next).await.is_some()
+                        let here = if after < slices_per_egroup {
+                            probe.at(egid, after, next).await
                         } else {
-                            false
+                            None
                         };
+                        let there = match (here, next_egid) {
+                            (None, Some(n)) => probe.at(n, 0, next).await,
+                            _ => None,
+                        };
+                        let successor = here.or(there).is_some();
                         if !successor {
                             break;
                         }
